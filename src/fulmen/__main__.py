@@ -1,0 +1,3 @@
+from fulmen.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""The `fulmen` command, generated from the option fields of `fulmen.config.Config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from typing import Any
+
+import click
+
+import fulmen
+from fulmen.config import OPTION_FIELDS
+from fulmen.main import run
+
+
+def _param(f: dataclasses.Field[Any]) -> click.Option:
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kwargs: dict[str, Any] = {
+        "help": meta["help"],
+        "envvar": "FULMEN_" + f.name.upper(),
+        "show_default": default is not None and default != "",
+    }
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif meta["multiple"]:
+        kwargs.update(multiple=True, type=str)
+    elif "/" not in flag:
+        kwargs["type"] = meta["kind"] or type(default)
+    if "/" in flag or isinstance(default, bool):
+        kwargs.pop("type", None)
+        kwargs["is_flag"] = True
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    return click.Option([flag, f.name], default=None if meta["multiple"] else default, **kwargs)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(
+        f"Running fulmen {fulmen.__version__} with {platform.python_implementation()} "
+        f"{platform.python_version()} on {platform.system()}"
+    )
+    ctx.exit()
+
+
+def _main(app: str, **options: Any) -> None:
+    run(app, **options)
+
+
+main = click.Command(
+    name="fulmen",
+    callback=_main,
+    context_settings={"auto_envvar_prefix": "FULMEN", "help_option_names": ["-h", "--help"]},
+    help="Serve APP, an ASGI (or WSGI) application given as 'module:attribute'.",
+    params=[
+        click.Argument(["app"], envvar="FULMEN_APP"),
+        *(_param(f) for f in OPTION_FIELDS),
+        click.Option(
+            ["--version"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_print_version,
+            help="Show the version and exit.",
+        ),
+    ],
+)

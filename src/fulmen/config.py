@@ -1,0 +1,175 @@
+"""Configuration: every option is defined once, here, as a field of `Config`.
+
+The click command (`cli.py`), the `FULMEN_*` environment variables, `fulmen.run(**kwargs)` and
+`Config(...)` are all generated from these fields. No IO happens in this module except
+`Config.load()`, which imports the application.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fulmen.types import ASGIApp
+
+LOOP_CHOICES = ("auto", "asyncio", "uvloop")
+HTTP_CHOICES = ("auto", "h11", "httptools")
+LIFESPAN_CHOICES = ("auto", "on", "off")
+INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi")
+LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    multiple: bool = False,
+    metavar: str | None = None,
+    kind: type | None = None,
+) -> Any:
+    """Declare one option: its default, help text and how the CLI spells it."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "multiple": multiple,
+        "metavar": metavar,
+        "kind": kind,
+    }
+    if multiple:
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Server settings. `Config(app, **options)`; option names mirror uvicorn's."""
+
+    app: ASGIApp | Callable[..., Any] | str = field(kw_only=False)
+    host: str = option("127.0.0.1", "Bind socket to this host.")
+    port: int = option(8000, "Bind socket to this port. 0 picks a free port.")
+    uds: str | None = option(None, "Bind to a UNIX domain socket.", kind=str)
+    fd: int | None = option(None, "Bind to socket from this file descriptor.", kind=int)
+    loop: str = option("auto", "Event loop implementation.", choices=LOOP_CHOICES)
+    http: str = option("auto", "HTTP/1.1 parser implementation.", choices=HTTP_CHOICES)
+    lifespan: str = option("auto", "Lifespan implementation.", choices=LIFESPAN_CHOICES)
+    interface: str = option(
+        "auto",
+        "Application interface. 'auto' tells ASGI3 from ASGI2; WSGI must be asked for.",
+        choices=INTERFACE_CHOICES,
+    )
+    root_path: str = option("", "ASGI 'root_path' for applications mounted below a prefix.")
+    limit_concurrency: int | None = option(
+        None, "Answer 503 beyond this many concurrent connections or requests.", kind=int
+    )
+    limit_max_requests: int | None = option(
+        None, "Exit gracefully after serving this many requests.", kind=int
+    )
+    backlog: int = option(2048, "Maximum number of connections waiting to be accepted.")
+    timeout_keep_alive: float = option(
+        5.0, "Close keep-alive connections idle for this many seconds."
+    )
+    timeout_request_header: float = option(
+        10.0, "Close connections whose request head is not complete after this many seconds."
+    )
+    timeout_graceful_shutdown: float | None = option(
+        30.0,
+        "Seconds to let in-flight requests finish on shutdown before cancelling them.",
+        kind=float,
+    )
+    limit_request_line: int = option(
+        8192, "Largest request line (method, target, version) in bytes; longer gets 414."
+    )
+    limit_request_body: int | None = option(
+        None, "Largest request body in bytes; larger gets 413. Default: no limit.", kind=int
+    )
+    h11_max_incomplete_event_size: int = option(
+        16384, "Largest request head (line and headers) in bytes, for both parsers; 431 above."
+    )
+    headers: list[str] = option(
+        None,
+        "Extra default response header, as 'Name: value'. Repeatable.",
+        flag="--header",
+        multiple=True,
+        metavar="NAME:VALUE",
+    )
+    server_header: bool = option(
+        True, "Send a 'server: fulmen' header.", flag="--server-header/--no-server-header"
+    )
+    date_header: bool = option(True, "Send a 'date' header.", flag="--date-header/--no-date-header")
+    log_level: str = option("info", "Log level.", choices=LOG_LEVEL_CHOICES)
+    access_log: bool = option(True, "Log each request.", flag="--access-log/--no-access-log")
+    use_colors: bool | None = option(
+        None, "Colour the logs (default: when a TTY).", flag="--use-colors/--no-use-colors"
+    )
+    proxy_headers: bool = option(
+        True,
+        "Trust X-Forwarded-For/Proto from --forwarded-allow-ips for client and scheme.",
+        flag="--proxy-headers/--no-proxy-headers",
+    )
+    forwarded_allow_ips: str | None = option(
+        None,
+        "Comma-separated IPs or CIDRs (or '*') trusted for proxy headers. "
+        "Default: $FORWARDED_ALLOW_IPS or 127.0.0.1.",
+        kind=str,
+    )
+    factory: bool = option(False, "Treat APP as a factory: call it to get the application.")
+    app_dir: str = option(".", "Prepended to sys.path to import APP.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
+        if self.forwarded_allow_ips is None:
+            self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        """`forwarded_allow_ips` as a list of stripped entries."""
+        raw = self.forwarded_allow_ips or ""
+        return [item.strip() for item in raw.split(",") if item.strip()]
+
+    def header_pairs(self) -> list[tuple[str, str]]:
+        """`--header` values as (name, value) pairs; each must contain a colon."""
+        pairs = []
+        for item in self.headers:
+            name, sep, value = item.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"--header must be 'Name: value', not {item!r}")
+            pairs.append((name.strip(), value.strip()))
+        return pairs
+
+
+OPTION_FIELDS = tuple(f for f in dataclasses.fields(Config) if f.name != "app")
+OPTION_NAMES = frozenset(f.name for f in OPTION_FIELDS)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Reject unknown option names, suggesting the nearest known one."""
+    for name in options:
+        if name not in OPTION_NAMES:
+            near = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(f"unknown fulmen option {name!r}{hint}")
+
+
+def _checked(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: Config, app: Any, **options: Any) -> None:
+        check_options(options)
+        init(self, app, **options)
+
+    return __init__
+
+
+# Wrap the generated __init__ so a typo gets a suggestion instead of a bare TypeError.
+setattr(Config, "__init__", _checked(Config.__init__))  # noqa: B010

@@ -1,0 +1,283 @@
+"""One ASGI HTTP request/response cycle: `receive`, `send`, and running the app.
+
+The response head is held until the first body message so that head and body leave in one
+`transport.write` (allowed by the ASGI spec), and so that a response sent whole gets a
+Content-Length instead of chunked framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fulmen.protocols import wire
+from fulmen.types import ASGIApp, Message
+
+if TYPE_CHECKING:
+    from fulmen.protocols.http1 import H1Connection
+
+logger = logging.getLogger("fulmen.error")
+access_logger = logging.getLogger("fulmen.access")
+
+# Response states (RFC-free bookkeeping): nothing yet -> head held -> body streaming -> done.
+START, HEAD, BODY, DONE = range(4)
+# Body framings.
+NONE, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+
+_ERROR_500 = b"Internal Server Error"
+
+
+class RequestCycle:
+    __slots__ = (
+        "body",
+        "body_received",
+        "chunked",
+        "conn",
+        "disconnected",
+        "expect_100",
+        "framing",
+        "head_request",
+        "headers",
+        "keep_alive",
+        "more_body",
+        "remaining",
+        "request_done",
+        "scope",
+        "state",
+        "status",
+        "task",
+        "waiter",
+    )
+
+    def __init__(self, conn: H1Connection, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.head_request = scope["method"] == "HEAD"
+        self.body = b""
+        self.body_received = 0
+        self.more_body = False
+        self.request_done = False  # the final http.request message was handed to the app
+        self.expect_100 = False
+        self.disconnected = False
+        self.state = START
+        self.status = 0
+        self.headers: Any = ()
+        self.framing = NONE
+        self.remaining = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # Events from the connection
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+        self.body_received += len(data)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.more_body = False
+        self._wake()
+
+    def on_disconnect(self) -> None:
+        self.disconnected = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ASGI
+
+    async def receive(self) -> Message:
+        if self.expect_100:
+            # RFC 9110 §10.1.1: ask for the body only once the app wants it.
+            self.expect_100 = False
+            if self.state is START and not self.disconnected:
+                self.conn.transport.write(wire.CONTINUE)
+        if not (self.body or self.disconnected or self.state is DONE) and (
+            self.more_body or self.request_done
+        ):
+            waiter = self.waiter = self.conn.state.loop.create_future()
+            await waiter
+        if self.disconnected or self.state is DONE or (self.request_done and not self.body):
+            return {"type": "http.disconnect"}
+        body = self.body
+        self.body = b""
+        self.request_done = not self.more_body
+        if self.more_body:
+            self.conn.maybe_resume_reading()
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: Message) -> None:
+        if self.conn.flow.write_paused and not self.disconnected:
+            await self.conn.flow.drain()
+        kind = message["type"]
+        state = self.state
+        if state is START:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected 'http.response.start', got {kind!r}")
+            self.status = message["status"]
+            self.headers = message.get("headers", ())
+            self.state = HEAD
+            return
+        if state is DONE or kind != "http.response.body":
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {state}")
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if self.disconnected:
+            return
+        if state is HEAD:
+            self._write_head(body, more_body)
+        else:
+            self._write_body(body, more_body)
+        if not more_body:
+            self._complete()
+
+    def _write_head(self, body: bytes, more_body: bool) -> None:
+        conn = self.conn
+        http10 = self.scope["http_version"] == "1.0"
+        status = self.status
+        parts = [wire.status_line(status)]
+        length: int | None = None
+        app_framing = app_connection = False
+        own_defaults: set[bytes] | None = None
+        for name, value in self.headers:
+            wire.check_header(name, value)
+            lname = name.lower()
+            if lname == b"content-length":
+                if not value.isdigit():
+                    raise RuntimeError(f"Invalid Content-Length {value!r}")
+                length = int(value)
+            elif lname == b"transfer-encoding":
+                app_framing = True
+            elif lname == b"connection":
+                app_connection = True
+                if b"close" in value.lower():
+                    self.keep_alive = False
+            elif lname == b"server" or lname == b"date":
+                own_defaults = own_defaults or set()
+                own_defaults.add(lname)
+            parts.append(b"%b: %b\r\n" % (name, value))
+        if self.head_request or status in wire.NO_BODY_STATUSES or status < 200:
+            self.framing = NONE
+        elif length is not None:
+            self.framing = LENGTH
+            self.remaining = length
+        elif app_framing:
+            self.framing = CHUNKED
+        elif not more_body:
+            self.framing = LENGTH
+            self.remaining = len(body)
+            parts.append(b"content-length: %d\r\n" % len(body))
+        elif not http10:
+            self.framing = CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self.framing = UNTIL_CLOSE
+            self.keep_alive = False
+        if conn.state.shutting_down:
+            self.keep_alive = False
+        if not app_connection:
+            if not self.keep_alive:
+                parts.append(b"connection: close\r\n")
+            elif http10:
+                parts.append(b"connection: keep-alive\r\n")
+        state = conn.state
+        if own_defaults is None:
+            parts.append(state.default_headers)
+        else:
+            parts.append(state.defaults_without(frozenset(own_defaults)))
+        parts.append(wire.CRLF)
+        self.state = BODY
+        parts.append(self._framed(body, more_body))
+        conn.transport.write(b"".join(parts))
+
+    def _write_body(self, body: bytes, more_body: bool) -> None:
+        data = self._framed(body, more_body)
+        if data:
+            self.conn.transport.write(data)
+
+    def _framed(self, body: bytes, more_body: bool) -> bytes:
+        framing = self.framing
+        if framing is LENGTH:
+            self.remaining -= len(body)
+            if self.remaining < 0:
+                raise RuntimeError("Response content longer than Content-Length")
+            if not more_body and self.remaining:
+                raise RuntimeError("Response content shorter than Content-Length")
+            return body
+        if framing is CHUNKED:
+            if more_body:
+                return wire.chunk(body) if body else b""
+            return wire.chunk(body) + wire.LAST_CHUNK if body else wire.LAST_CHUNK
+        if framing is UNTIL_CLOSE:
+            return body
+        return b""
+
+    def _complete(self) -> None:
+        self.state = DONE
+        self._wake()
+        self.conn.on_response_complete(self)
+
+    # Running the application
+
+    async def run(self, app: ASGIApp) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            self.conn.transport.close()
+        except BaseException as exc:
+            logger.error("Exception in ASGI application", exc_info=exc)
+            self._fail()
+        else:
+            if self.state is START or self.state is HEAD:
+                logger.error("ASGI callable returned without sending a response.")
+                self._fail()
+            elif self.state is not DONE and not self.disconnected:
+                logger.error("ASGI callable returned without completing the response.")
+                self.conn.transport.close()
+        finally:
+            if self.task is not None:
+                self.conn.state.tasks.discard(self.task)
+
+    def _fail(self) -> None:
+        """500 if nothing was sent yet, else end the connection: the response is broken."""
+        if self.state is START or self.state is HEAD:
+            self.keep_alive = False
+            self.reject(500, _ERROR_500)
+        elif self.state is BODY:
+            self.conn.transport.close()
+
+    def reject(self, status: int, body: bytes) -> None:
+        """Answer with a canned response instead of the app's (503, 500)."""
+        conn = self.conn
+        if not self.disconnected:
+            close = not self.keep_alive or status == 500
+            response = wire.simple_response(status, body, conn.state.default_headers, close)
+            self.keep_alive = not close
+            conn.transport.write(response)
+        self.status = status
+        self.state = DONE
+        self._wake()
+        conn.on_response_complete(self)
+
+    def log_access(self) -> None:
+        scope = self.scope
+        path = scope["path"]
+        if scope["query_string"]:
+            path = f"{path}?{scope['query_string'].decode('latin-1')}"
+        client = scope["client"]
+        access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            f"{client[0]}:{client[1]}" if client else "-",
+            wire.escape(scope["method"]),
+            wire.escape(path),
+            scope["http_version"],
+            self.status,
+            extra={"status_code": self.status},
+        )

@@ -1,0 +1,56 @@
+"""Flow control both ways: pause reading the socket, and wait for the write buffer to drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class FlowControl:
+    """Read pause and write drain for one transport.
+
+    asyncio calls `pause_writing()` when the transport's write buffer passes its high-water
+    mark; `drain()` then suspends the sender until `resume_writing()` or the connection is lost.
+    """
+
+    __slots__ = ("_drain_waiter", "_transport", "read_paused", "write_paused")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.read_paused = False
+        self.write_paused = False
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self._transport.is_closing():
+            self.read_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self._transport.is_closing():
+            self.read_paused = False
+            self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
+    async def drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is None or waiter.done():
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+    def release(self) -> None:
+        """The connection is gone: nobody may wait for a drain any more."""
+        self.write_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)

@@ -1,0 +1,299 @@
+"""The one HTTP/1.1 connection: bytes in, ASGI request cycles out, over any parser adapter.
+
+`data_received -> parser.feed -> on_request (scope) -> RequestCycle.run (app) -> send -> write`.
+Everything HTTP means is decided here once, whichever parser produced the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import cast
+from urllib.parse import unquote_to_bytes
+
+from fulmen.protocols import wire
+from fulmen.protocols.cycle import RequestCycle
+from fulmen.protocols.flow import FlowControl
+from fulmen.protocols.parsers import ParseError, Parser
+from fulmen.state import ServerState
+
+logger = logging.getLogger("fulmen.error")
+
+ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
+_SPECIAL = frozenset(
+    (b"host", b"connection", b"content-length", b"transfer-encoding", b"expect", b"upgrade")
+)
+_VERSIONS = frozenset(("1.1", "1.0"))
+_METHODS: dict[bytes, str] = {}
+# Above this many buffered body bytes the app has not received, stop reading the socket.
+HIGH_WATER = 65536
+
+
+def _address(info: object) -> tuple[str, int] | None:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+class H1Connection(asyncio.Protocol):
+    """One client connection. Requests are served one at a time, in order (pipelining)."""
+
+    __slots__ = (
+        "client",
+        "cycle",
+        "deadline",
+        "flow",
+        "idle",
+        "parser",
+        "parsing",
+        "pipeline",
+        "scheme",
+        "server",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.cycle: RequestCycle | None = None  # the cycle whose response is being written
+        self.parsing: RequestCycle | None = None  # the cycle whose body is being read
+        self.pipeline: deque[RequestCycle] | None = None
+        self.idle = True
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        state = self.state
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.flow = FlowControl(transport)
+        self.parser: Parser = state.parser_factory(self, state.limits)
+        self.client = _address(transport.get_extra_info("peername"))
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.deadline = state.clock + state.timeout_request_header
+        state.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:
+            self.idle = False
+            self.deadline = self.state.clock + self.state.timeout_request_header
+        try:
+            self.parser.feed(data)
+        except ParseError as exc:
+            self.reject(exc.status, exc.reason)
+            return
+        if self.parser.upgraded:
+            # No upgrade handler: the request is served as plain HTTP, then the connection ends.
+            self.flow.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        self.flow.release()
+        for cycle in (self.cycle, self.parsing, *(self.pipeline or ())):
+            if cycle is not None:
+                cycle.on_disconnect()
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
+    # Parser callbacks
+
+    def on_request(
+        self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        state = self.state
+        host_count = 0
+        host = b""
+        connection = b""
+        expect = False
+        length: bytes | None = None
+        coding: bytes | None = None
+        for name, value in headers:
+            if name in _SPECIAL:
+                if name == b"host":
+                    host_count += 1
+                    host = value
+                elif name == b"connection":
+                    connection += b"," + value.lower()
+                elif name == b"content-length":
+                    length = value
+                elif name == b"transfer-encoding":
+                    coding = value if coding is None else coding + b"," + value
+                elif name == b"expect":
+                    expect = value.lower() == b"100-continue"
+        if version not in _VERSIONS:
+            raise ParseError(505, f"HTTP version {version} not supported")
+        if host_count > 1 or (version == "1.1" and host_count == 0):
+            raise ParseError(400, "Missing or duplicate Host header")
+        if host_count and not wire.valid_host(host):
+            raise ParseError(400, "Invalid Host header")
+        if coding is not None:
+            _check_transfer_coding(coding, length)
+        elif length is not None and state.limit_request_body is not None:
+            _check_length(int(length), state.limit_request_body)
+        if version == "1.1":
+            keep_alive = not connection or b"close" not in _tokens(connection)
+        else:
+            keep_alive = bool(connection) and b"keep-alive" in _tokens(connection)
+        if connection and b"upgrade" in _tokens(connection):
+            keep_alive = False
+        self.deadline = 0.0
+        cycle = RequestCycle(self, self._scope(method, target, version, headers), keep_alive)
+        cycle.expect_100 = expect and (length not in (None, b"0") or coding is not None)
+        cycle.more_body = length not in (None, b"0") or coding is not None
+        self.parsing = cycle if cycle.more_body else None
+        if self.cycle is None:
+            self.start(cycle)
+        else:
+            if self.pipeline is None:
+                self.pipeline = deque()
+            self.pipeline.append(cycle)
+            self.flow.pause_reading()
+
+    def _scope(
+        self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
+    ) -> dict[str, object]:
+        state = self.state
+        raw_path, _, query = target.partition(b"?")
+        if raw_path[:1] != b"/" and raw_path != b"*":
+            raw_path = _origin_path(raw_path)
+        if b"%" in raw_path or not raw_path.isascii():
+            path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+        else:
+            path = raw_path.decode("ascii")
+        method_str = _METHODS.get(method)
+        if method_str is None:
+            method_str = method.decode("ascii")
+            if len(_METHODS) < 64:
+                _METHODS[method] = method_str
+        root_path = state.root_path
+        if root_path:
+            path = root_path + path
+            raw_path = root_path.encode("utf-8") + raw_path
+        return {
+            "type": "http",
+            "asgi": ASGI_INFO,
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": method_str,
+            "root_path": root_path,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": headers,
+            "state": state.app_state.copy(),
+            "extensions": {},
+        }
+
+    def on_body(self, data: bytes) -> None:
+        cycle = self.parsing
+        if cycle is None:
+            return
+        cycle.on_body(data)
+        limit = self.state.limit_request_body
+        if limit is not None:
+            _check_length(cycle.body_received, limit)
+        if len(cycle.body) > HIGH_WATER:
+            self.flow.pause_reading()
+
+    def on_message_complete(self) -> None:
+        cycle = self.parsing
+        if cycle is not None:
+            self.parsing = None
+            cycle.on_message_complete()
+
+    # Request cycle driving
+
+    def start(self, cycle: RequestCycle) -> None:
+        self.cycle = cycle
+        state = self.state
+        limit = state.limit_concurrency
+        if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
+            cycle.reject(503, b"Service Unavailable")
+            return
+        task = state.loop.create_task(cycle.run(state.app))
+        cycle.task = task
+        state.tasks.add(task)
+
+    def on_response_complete(self, cycle: RequestCycle) -> None:
+        """The response is written: serve the next pipelined request, or wait for one."""
+        state = self.state
+        if state.access_log:
+            cycle.log_access()
+        state.count_request()
+        if not cycle.keep_alive or cycle is self.parsing or state.shutting_down:
+            self.transport.close()
+            return
+        self.cycle = None
+        if self.pipeline:
+            self.start(self.pipeline.popleft())
+        else:
+            self.idle = True
+            self.deadline = state.clock + state.timeout_keep_alive
+        self.maybe_resume_reading()
+
+    def maybe_resume_reading(self) -> None:
+        """Read again once no pipelined request waits and the body buffer has room."""
+        if not self.flow.read_paused or self.pipeline or self.parser.upgraded:
+            return
+        if self.parsing is None or len(self.parsing.body) <= HIGH_WATER:
+            self.flow.resume_reading()
+
+    # Errors, timeouts, shutdown
+
+    def reject(self, status: int, reason: str) -> None:
+        """Answer a request that cannot be served, then close the connection."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Rejected request (%d): %s", status, wire.escape(reason))
+        if self.cycle is None and not self.transport.is_closing():
+            body = reason.encode("latin-1", "replace")
+            self.transport.write(wire.simple_response(status, body, self.state.default_headers))
+        self.transport.close()
+
+    def check_timeout(self, now: float) -> None:
+        """Called by the server tick: close a connection idle or stalled past its deadline."""
+        if self.deadline and now >= self.deadline:
+            if self.idle:
+                self.transport.close()
+            else:
+                self.reject(408, "Request Timeout")
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: close now when idle, otherwise after the current response."""
+        if self.cycle is None:
+            self.transport.close()
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {token.strip() for token in value.split(b",")}
+
+
+def _check_transfer_coding(coding: bytes, length: bytes | None) -> None:
+    """RFC 9112 §6.1-6.3: only a final `chunked` is understood; never with Content-Length."""
+    if length is not None:
+        raise ParseError(400, "Content-Length with Transfer-Encoding")
+    codings = [item.strip().lower() for item in coding.split(b",")]
+    if any(item != b"chunked" for item in codings):
+        raise ParseError(501, "Unsupported transfer coding")
+    if len(codings) != 1:
+        raise ParseError(400, "Invalid Transfer-Encoding")
+
+
+def _check_length(length: int, limit: int) -> None:
+    if length > limit:
+        raise ParseError(413, "Request body too large")
+
+
+def _origin_path(target: bytes) -> bytes:
+    """The path of an absolute-form target (RFC 9112 §3.2.2), e.g. from a proxy."""
+    scheme_end = target.find(b"://")
+    if scheme_end < 0:
+        raise ParseError(400, "Invalid request target")
+    slash = target.find(b"/", scheme_end + 3)
+    return target[slash:] if slash >= 0 else b"/"

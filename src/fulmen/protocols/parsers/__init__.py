@@ -1,0 +1,64 @@
+"""Thin HTTP/1.1 request parser adapters: bytes in, calls on a `ParserCallbacks` out.
+
+Each adapter only turns bytes into `on_request` / `on_body` / `on_message_complete` calls and
+raises `ParseError` for malformed input. Everything HTTP means (keep-alive, Host, framing rules,
+limits shared by both) is decided once, in `fulmen.protocols.http1`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ParseError(Exception):
+    """The request cannot be served; answer `status` and close the connection."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ParserCallbacks(Protocol):
+    def on_request(
+        self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_message_complete(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits shared by both parsers."""
+
+    request_line: int = 8192
+    head: int = 16384
+
+
+class Parser(Protocol):
+    """What the connection needs from a parser adapter."""
+
+    upgraded: bool
+
+    def feed(self, data: bytes) -> None: ...
+
+
+class ParserFactory(Protocol):
+    def __call__(self, callbacks: ParserCallbacks, limits: Limits) -> Parser: ...
+
+
+def parser_class(name: str) -> ParserFactory:
+    """The adapter for `--http`: 'auto' prefers httptools when it is installed."""
+    if name == "auto":
+        name = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if name == "httptools":
+        from fulmen.protocols.parsers.httptools import HttptoolsParser
+
+        return HttptoolsParser
+    from fulmen.protocols.parsers.h11 import H11Parser
+
+    return H11Parser

@@ -1,0 +1,89 @@
+"""httptools (llhttp) adapter: the fast path."""
+
+from __future__ import annotations
+
+import httptools
+
+from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks
+
+# llhttp's messages for errors that mean something more precise than 400.
+_ERROR_STATUS = {"Invalid HTTP version": 505}
+
+
+class HttptoolsParser:
+    __slots__ = (
+        "_callbacks",
+        "_head_bytes",
+        "_head_size",
+        "_headers",
+        "_in_head",
+        "_limits",
+        "_parser",
+        "_url",
+        "upgraded",
+    )
+
+    def __init__(self, callbacks: ParserCallbacks, limits: Limits) -> None:
+        self._callbacks = callbacks
+        self._limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._head_bytes = 0
+        self._in_head = False
+        self.upgraded = False
+
+    def feed(self, data: bytes) -> None:
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # Our callbacks raised: llhttp wraps the exception; hand on the original.
+            raise exc.__context__ or exc from None
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True
+            return
+        except httptools.HttpParserError as exc:
+            reason = str(exc)
+            raise ParseError(_ERROR_STATUS.get(reason, 400), reason) from None
+        if was_in_head and self._in_head:
+            # httptools buffers a header line until it is complete: bound what it may hold.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.head:
+                raise ParseError(431, "Request header fields too large")
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._head_bytes = 0
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.request_line:
+            raise ParseError(414, "Request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: RFC 9110 §6.5 lets us discard it
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._limits.head:
+            raise ParseError(431, "Request header fields too large")
+        self._headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        self._callbacks.on_request(
+            parser.get_method(), self._url, parser.get_http_version(), self._headers
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._callbacks.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._callbacks.on_message_complete()

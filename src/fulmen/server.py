@@ -1,0 +1,215 @@
+"""The server: load the app, run lifespan, listen, tick, and shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from fulmen.config import Config
+from fulmen.importer import ImportFromStringError, import_from_string
+from fulmen.interfaces import adapt, detect_interface
+from fulmen.lifespan import Lifespan
+from fulmen.logging import configure_logging
+from fulmen.loops import loop_factory
+from fulmen.loops import run as run_loop
+from fulmen.middleware.proxy_headers import ProxyHeadersMiddleware
+from fulmen.protocols.http1 import H1Connection
+from fulmen.sockets import bind_socket, describe
+from fulmen.state import ServerState
+from fulmen.types import ASGIApp
+
+logger = logging.getLogger("fulmen.error")
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TICK_SECONDS = 1.0
+
+
+def load_app(config: Config) -> tuple[ASGIApp, str]:
+    """Import, call the factory, adapt the interface and wrap middleware: (app, interface)."""
+    sys.path.insert(0, os.path.abspath(config.app_dir))
+    app: Any = import_from_string(config.app)
+    if config.factory:
+        try:
+            app = app()
+        except TypeError as exc:
+            raise ImportFromStringError(f"Error calling the application factory: {exc}") from None
+    if not callable(app):
+        raise ImportFromStringError(f"The application {config.app!r} is not callable.")
+    interface = config.interface
+    if interface == "auto":
+        interface = detect_interface(app)
+    asgi_app = adapt(app, interface)
+    if config.proxy_headers:
+        asgi_app = ProxyHeadersMiddleware(asgi_app, config.trusted_hosts)
+    return asgi_app, interface
+
+
+class Server:
+    """Serve one `Config`. `await server.serve()` works inside an already running loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = False
+        self.force_exit = False
+        self.state: ServerState | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self._should_exit = False
+        self._exit_event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def should_exit(self) -> bool:
+        """Set to True (from any thread) to start a graceful shutdown."""
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value and self._loop is not None and self._exit_event is not None:
+            self._loop.call_soon_threadsafe(self._exit_event.set)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        """Run `serve()` on a new event loop of the configured kind."""
+        run_loop(self.serve(sockets), loop_factory(self.config.loop))
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        configure_logging(config.log_level, config.access_log, config.use_colors)
+        self._loop = asyncio.get_running_loop()
+        self._exit_event = asyncio.Event()
+        if self._should_exit:
+            self._exit_event.set()
+        logger.info("Started server process [%d]", os.getpid())
+        installed = self._install_signal_handlers()
+        try:
+            await self._serve(sockets)
+        finally:
+            for sig in installed:
+                self._loop.remove_signal_handler(sig)
+        logger.info("Finished server process [%d]", os.getpid())
+
+    async def _serve(self, sockets: list[socket.socket] | None) -> None:
+        config = self.config
+        app, interface = load_app(config)
+        app_state: dict[str, Any] = {}
+        lifespan = None
+        if config.lifespan != "off" and interface != "wsgi":
+            lifespan = Lifespan(app, config.lifespan, app_state)
+            await lifespan.startup()
+            if lifespan.startup_failed:
+                return
+        assert self._loop is not None
+        self.state = ServerState(config, app, app_state, self._loop, self._max_requests)
+        try:
+            await self._listen(sockets)
+        except OSError as exc:
+            logger.error("%s", exc)
+            if lifespan is not None:
+                await lifespan.shutdown()
+            return
+        self.started = True
+        self._tick()
+        assert self._exit_event is not None
+        await self._exit_event.wait()
+        await self.shutdown(sockets)
+        if lifespan is not None and not self.force_exit:
+            await lifespan.shutdown()
+
+    async def _listen(self, sockets: list[socket.socket] | None) -> None:
+        assert self.state is not None and self._loop is not None
+        factory = functools.partial(H1Connection, self.state)
+        owned = sockets is None
+        for sock in sockets or [bind_socket(self.config)]:
+            if sock.family == socket.AF_UNIX:
+                server = await self._loop.create_unix_server(factory, sock=sock)
+            else:
+                server = await self._loop.create_server(
+                    factory, sock=sock, backlog=self.config.backlog
+                )
+            self.servers.append(server)
+            if owned or sock.family != socket.AF_UNIX:
+                logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock))
+
+    def _tick(self) -> None:
+        """Once a second: refresh the date header and close timed-out connections."""
+        state = self.state
+        assert state is not None and self._loop is not None
+        state.tick()
+        now = state.clock
+        for conn in list(state.connections):
+            conn.check_timeout(now)
+        self._tick_handle = self._loop.call_later(TICK_SECONDS, self._tick)
+
+    def _max_requests(self) -> None:
+        logger.warning(
+            "Maximum request limit of %d exceeded. Terminating process.",
+            self.config.limit_max_requests,
+        )
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within the timeout, then cancel."""
+        logger.info("Shutting down")
+        state = self.state
+        assert state is not None
+        state.shutting_down = True
+        for server in self.servers:
+            server.close()
+        for conn in list(state.connections):
+            conn.shutdown()
+        await self._wait_for_connections()
+        if state.tasks:
+            logger.warning("Cancelling %d running request(s).", len(state.tasks))
+            for task in list(state.tasks):
+                task.cancel()
+            await asyncio.wait(list(state.tasks), timeout=5)
+        for conn in list(state.connections):
+            conn.transport.abort()
+        for server in self.servers:
+            await server.wait_closed()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self.config.uds and sockets is None and os.path.exists(self.config.uds):
+            os.unlink(self.config.uds)
+
+    async def _wait_for_connections(self) -> None:
+        state = self.state
+        assert state is not None
+        timeout = self.config.timeout_graceful_shutdown
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        if state.connections and not self.force_exit:
+            logger.info("Waiting for connections to close. (CTRL+C to force quit)")
+        while (state.connections or state.tasks) and not self.force_exit:
+            if deadline is not None and loop.time() >= deadline:
+                logger.warning("Graceful shutdown timed out after %s seconds.", timeout)
+                return
+            await asyncio.sleep(0.05)
+
+    def _install_signal_handlers(self) -> list[signal.Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            return []  # the embedding program owns signals
+        assert self._loop is not None
+        installed = []
+        for sig in HANDLED_SIGNALS:
+            try:
+                self._loop.add_signal_handler(sig, self.handle_exit, sig)
+            except NotImplementedError:  # pragma: no cover - Windows
+                continue
+            installed.append(sig)
+        return installed
+
+    def handle_exit(self, sig: int) -> None:
+        """First SIGINT/SIGTERM: graceful shutdown. A second SIGINT: stop waiting at once."""
+        if self._should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            logger.warning("Forced exit.")
+        self.should_exit = True

@@ -1,0 +1,68 @@
+"""What every connection of one server shares: settings computed once, and live counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fulmen.config import Config
+from fulmen.protocols import wire
+from fulmen.protocols.parsers import Limits, parser_class
+from fulmen.types import ASGIApp
+
+if TYPE_CHECKING:
+    from fulmen.protocols.http1 import H1Connection
+
+access_logger = logging.getLogger("fulmen.access")
+
+
+class ServerState:
+    """Settings read on the hot path, precomputed from `Config`, plus shared live state."""
+
+    def __init__(
+        self,
+        config: Config,
+        app: ASGIApp,
+        app_state: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        on_max_requests: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.app = app
+        self.app_state = app_state
+        self.loop = loop
+        self.parser_factory = parser_class(config.http)
+        self.limits = Limits(config.limit_request_line, config.h11_max_incomplete_event_size)
+        self.root_path = config.root_path
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.timeout_request_header = config.timeout_request_header
+        self.limit_concurrency = config.limit_concurrency or 0
+        self.limit_max_requests = config.limit_max_requests or 0
+        self.limit_request_body = config.limit_request_body
+        self.on_max_requests = on_max_requests
+        self.access_log = config.access_log and access_logger.isEnabledFor(logging.INFO)
+        self.connections: set[H1Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.total_requests = 0
+        self.shutting_down = False
+        self.clock = loop.time()
+        self._header_options = (config.server_header, config.date_header, config.header_pairs())
+        self.default_lines: list[tuple[bytes, bytes]] = []
+        self.default_headers = b""
+        self.tick()
+
+    def tick(self) -> None:
+        """Once a second: refresh the coarse clock and the `date`/`server` header block."""
+        self.clock = self.loop.time()
+        self.default_lines = wire.default_header_lines(*self._header_options)
+        self.default_headers = b"".join(line for _, line in self.default_lines)
+
+    def defaults_without(self, names: frozenset[bytes]) -> bytes:
+        """The default header block minus headers the application set itself."""
+        return b"".join(line for name, line in self.default_lines if name not in names)
+
+    def count_request(self) -> None:
+        self.total_requests += 1
+        if self.total_requests == self.limit_max_requests:
+            self.on_max_requests()

@@ -1,0 +1,179 @@
+"""Shared fixtures: a real fulmen server on an ephemeral port, in a thread with its own loop.
+
+`serve(app, **options)` starts `fulmen.Server` with the parametrized parser (`http`) and loop
+(`loop`) and yields a `RunningServer` with `.url`, `.port`, `.records` (log records of the
+`fulmen` loggers) and `.server`. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from fulmen import Config, Server
+from fulmen.loops import loop_factory
+
+TIMEOUT = 10.0  # the bound on every wait in the tests
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=1)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class RunningServer:
+    def __init__(self, server: Server, sock: socket.socket, handler: RecordingHandler) -> None:
+        self.server = server
+        self.sock = sock
+        self.handler = handler
+        host, port = sock.getsockname()[:2]
+        self.host = host
+        self.port = port
+        self.url = f"http://{host}:{port}"
+
+    @property
+    def records(self) -> list[logging.LogRecord]:
+        return self.handler.records
+
+    def messages(self, level: int = logging.DEBUG) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=TIMEOUT)
+        return sock
+
+
+def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[RunningServer]:
+    options.setdefault("lifespan", "off")
+    options.setdefault("log_level", "debug")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = Config(app, loop=loop_name, **options)
+    server = Server(config)
+    handler = RecordingHandler()
+    ready = threading.Event()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.005)
+        for name in ("fulmen", "fulmen.error", "fulmen.access"):
+            logging.getLogger(name).addHandler(handler)
+        ready.set()
+        await task
+
+    def target() -> None:
+        try:
+            _run(main(), loop_name)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    assert ready.wait(TIMEOUT), "server did not start"
+    if errors:
+        raise errors[0]
+    try:
+        yield RunningServer(server, sock, handler)
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        for name in ("fulmen", "fulmen.error", "fulmen.access"):
+            logging.getLogger(name).removeHandler(handler)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+        if errors:
+            raise errors[0]
+
+
+def _run(coro: Any, loop_name: str) -> None:
+    from fulmen.loops import run
+
+    run(coro, loop_factory(loop_name))
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def http(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(http: str, loop: str) -> Callable[..., contextlib.AbstractContextManager[RunningServer]]:
+    """`with serve(app, **options) as srv:` over every parser and loop."""
+
+    @contextlib.contextmanager
+    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
+        options.setdefault("http", http)
+        yield from _start(app, loop, options)
+
+    return start
+
+
+@pytest.fixture
+def serve_one() -> Callable[..., contextlib.AbstractContextManager[RunningServer]]:
+    """Like `serve`, for tests that do not depend on the parser or loop (httptools, asyncio)."""
+
+    @contextlib.contextmanager
+    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
+        options.setdefault("http", "httptools")
+        yield from _start(app, options.pop("loop", "asyncio"), options)
+
+    return start
+
+
+def recv_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Read until the peer closes (bounded by the socket timeout and `limit` bytes)."""
+    chunks = []
+    total = 0
+    while total < limit:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks)
+
+
+def recv_response(sock: socket.socket) -> bytes:
+    """Read one response with a Content-Length body (or none) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
