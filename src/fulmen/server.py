@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -19,7 +20,6 @@ from fulmen.lifespan import Lifespan
 from fulmen.logging import configure_logging
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
-from fulmen.middleware.proxy_headers import ProxyHeadersMiddleware
 from fulmen.protocols.http1 import H1Connection
 from fulmen.sockets import bind_socket, describe
 from fulmen.state import ServerState
@@ -32,7 +32,7 @@ TICK_SECONDS = 1.0
 
 
 def load_app(config: Config) -> tuple[ASGIApp, str]:
-    """Import, call the factory, adapt the interface and wrap middleware: (app, interface)."""
+    """Import, call the factory and adapt the interface: (ASGI3 app, interface name)."""
     sys.path.insert(0, os.path.abspath(config.app_dir))
     app: Any = import_from_string(config.app)
     if config.factory:
@@ -45,10 +45,7 @@ def load_app(config: Config) -> tuple[ASGIApp, str]:
     interface = config.interface
     if interface == "auto":
         interface = detect_interface(app)
-    asgi_app = adapt(app, interface)
-    if config.proxy_headers:
-        asgi_app = ProxyHeadersMiddleware(asgi_app, config.trusted_hosts)
-    return asgi_app, interface
+    return adapt(app, interface), interface
 
 
 class Server:
@@ -74,7 +71,9 @@ class Server:
     def should_exit(self, value: bool) -> None:
         self._should_exit = value
         if value and self._loop is not None and self._exit_event is not None:
-            self._loop.call_soon_threadsafe(self._exit_event.set)
+            # The server may have stopped (and its loop closed) already: nothing left to stop.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._exit_event.set)
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         """Run `serve()` on a new event loop of the configured kind."""

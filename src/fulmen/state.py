@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fulmen.config import Config
+from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
 from fulmen.protocols.parsers import Limits, parser_class
 from fulmen.types import ASGIApp
@@ -41,6 +42,7 @@ class ServerState:
         self.limit_max_requests = config.limit_max_requests or 0
         self.limit_request_body = config.limit_request_body
         self.on_max_requests = on_max_requests
+        self.proxy_headers = ProxyHeaders(config.trusted_hosts) if config.proxy_headers else None
         self.access_log = config.access_log and access_logger.isEnabledFor(logging.INFO)
         self.connections: set[H1Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -61,8 +63,3 @@ class ServerState:
     def defaults_without(self, names: frozenset[bytes]) -> bytes:
         """The default header block minus headers the application set itself."""
         return b"".join(line for name, line in self.default_lines if name not in names)
-
-    def count_request(self) -> None:
-        self.total_requests += 1
-        if self.total_requests == self.limit_max_requests:
-            self.on_max_requests()

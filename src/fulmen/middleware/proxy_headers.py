@@ -3,15 +3,18 @@
 Only applied to connections from `--forwarded-allow-ips`; from anyone else the headers are
 ignored, so a client cannot claim another address. With a chain of proxies the client is the
 right-most address that is not itself a trusted proxy.
+
+The connection asks `ProxyHeaders.trusts(peer)` once, when it is made, and calls `apply(scope)`
+only for trusted peers: with proxy headers off, or from an untrusted peer, a request pays nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
-
-from fulmen.types import ASGIApp, Receive, Scope, Send
+from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_SCHEMES = frozenset(("http", "https", "ws", "wss"))
 
 
 class TrustedHosts:
@@ -45,27 +48,35 @@ class TrustedHosts:
     def client_of(self, forwarded_for: str) -> str | None:
         """The right-most address in an X-Forwarded-For chain that is not a trusted proxy."""
         hosts = [item.strip() for item in forwarded_for.split(",") if item.strip()]
-        if self.always:
-            return hosts[0] if hosts else None
-        for host in reversed(hosts):
-            if host not in self:
-                return host
-        return hosts[0] if hosts else None
+        if not hosts:
+            return None
+        if not self.always:
+            for host in reversed(hosts):
+                if host not in self:
+                    return host
+        return hosts[0]
 
 
-class ProxyHeadersMiddleware:
-    def __init__(self, app: ASGIApp, trusted_hosts: list[str]) -> None:
-        self.app = app
+class ProxyHeaders:
+    """Applies X-Forwarded-For/Proto to the scopes of requests from trusted peers."""
+
+    def __init__(self, trusted_hosts: list[str]) -> None:
         self.trusted = TrustedHosts(trusted_hosts)
+        self._cache: dict[str, bool] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            client = scope.get("client")
-            if client is not None and client[0] in self.trusted:
-                self._apply(scope)
-        await self.app(scope, receive, send)
+    def trusts(self, client: tuple[str, int] | None) -> bool:
+        """Is this peer a trusted proxy? Cached per address: asked once per connection."""
+        if client is None:
+            return self.trusted.always
+        host = client[0]
+        trusted = self._cache.get(host)
+        if trusted is None:
+            trusted = host in self.trusted
+            if len(self._cache) < 4096:
+                self._cache[host] = trusted
+        return trusted
 
-    def _apply(self, scope: Scope) -> None:
+    def apply(self, scope: dict[str, Any]) -> None:
         forwarded_for = forwarded_proto = None
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
@@ -74,7 +85,7 @@ class ProxyHeadersMiddleware:
                 forwarded_proto = value.decode("latin-1")
         if forwarded_proto:
             proto = forwarded_proto.split(",")[-1].strip().lower()
-            if proto in ("http", "https", "ws", "wss"):
+            if proto in _SCHEMES:
                 if scope["type"] == "websocket":
                     proto = proto.replace("http", "ws")
                 scope["scheme"] = proto

@@ -12,6 +12,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fulmen.protocols import wire
+from fulmen.protocols.wire import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CRLF,
+    HEADER_LINES,
+    NO_BODY_STATUSES,
+    STATUS_LINES,
+    TRANSFER_ENCODING,
+)
 from fulmen.types import ASGIApp, Message
 
 if TYPE_CHECKING:
@@ -28,11 +37,16 @@ NONE, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
 _ERROR_500 = b"Internal Server Error"
 
 
+def _content_length(value: bytes) -> int:
+    if not value.isdigit():
+        raise RuntimeError(f"Invalid Content-Length {value!r}")
+    return int(value)
+
+
 class RequestCycle:
     __slots__ = (
         "body",
         "body_received",
-        "chunked",
         "conn",
         "disconnected",
         "expect_100",
@@ -140,30 +154,35 @@ class RequestCycle:
 
     def _write_head(self, body: bytes, more_body: bool) -> None:
         conn = self.conn
-        http10 = self.scope["http_version"] == "1.0"
         status = self.status
-        parts = [wire.status_line(status)]
+        parts = [STATUS_LINES.get(status) or wire.status_line(status)]
+        append = parts.append
         length: int | None = None
         app_framing = app_connection = False
-        own_defaults: set[bytes] | None = None
-        for name, value in self.headers:
-            wire.check_header(name, value)
-            lname = name.lower()
-            if lname == b"content-length":
-                if not value.isdigit():
-                    raise RuntimeError(f"Invalid Content-Length {value!r}")
-                length = int(value)
-            elif lname == b"transfer-encoding":
-                app_framing = True
-            elif lname == b"connection":
-                app_connection = True
-                if b"close" in value.lower():
-                    self.keep_alive = False
-            elif lname == b"server" or lname == b"date":
-                own_defaults = own_defaults or set()
-                own_defaults.add(lname)
-            parts.append(b"%b: %b\r\n" % (name, value))
-        if self.head_request or status in wire.NO_BODY_STATUSES or status < 200:
+        own_defaults: list[bytes] | None = None
+        lines = HEADER_LINES
+        for header in self.headers:
+            try:
+                entry = lines.get(header)
+            except TypeError:  # not a tuple (e.g. a list): unhashable, validate uncached
+                entry = None
+            if entry is None:
+                entry = wire.header_line(header)
+            line, kind, lname = entry
+            append(line)
+            if kind:
+                if kind is CONTENT_LENGTH:
+                    length = _content_length(header[1])
+                elif kind is TRANSFER_ENCODING:
+                    app_framing = True
+                elif kind is CONNECTION:
+                    app_connection = True
+                    if b"close" in header[1].lower():
+                        self.keep_alive = False
+                else:
+                    own_defaults = [lname] if own_defaults is None else [*own_defaults, lname]
+        http10 = self.scope["http_version"] == "1.0"
+        if self.head_request or status in NO_BODY_STATUSES or status < 200:
             self.framing = NONE
         elif length is not None:
             self.framing = LENGTH
@@ -173,28 +192,28 @@ class RequestCycle:
         elif not more_body:
             self.framing = LENGTH
             self.remaining = len(body)
-            parts.append(b"content-length: %d\r\n" % len(body))
+            append(b"content-length: %d\r\n" % len(body))
         elif not http10:
             self.framing = CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
+            append(b"transfer-encoding: chunked\r\n")
         else:
             self.framing = UNTIL_CLOSE
             self.keep_alive = False
-        if conn.state.shutting_down:
+        state = conn.state
+        if state.shutting_down:
             self.keep_alive = False
         if not app_connection:
             if not self.keep_alive:
-                parts.append(b"connection: close\r\n")
+                append(b"connection: close\r\n")
             elif http10:
-                parts.append(b"connection: keep-alive\r\n")
-        state = conn.state
+                append(b"connection: keep-alive\r\n")
         if own_defaults is None:
-            parts.append(state.default_headers)
+            append(state.default_headers)
         else:
-            parts.append(state.defaults_without(frozenset(own_defaults)))
-        parts.append(wire.CRLF)
+            append(state.defaults_without(frozenset(own_defaults)))
+        append(CRLF)
         self.state = BODY
-        parts.append(self._framed(body, more_body))
+        append(self._framed(body, more_body))
         conn.transport.write(b"".join(parts))
 
     def _write_body(self, body: bytes, more_body: bool) -> None:

@@ -14,6 +14,7 @@ from urllib.parse import unquote_to_bytes
 
 from fulmen.protocols import wire
 from fulmen.protocols.cycle import RequestCycle
+from fulmen.protocols.eager import start as eager_start
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser
 from fulmen.state import ServerState
@@ -43,11 +44,14 @@ class H1Connection(asyncio.Protocol):
         "client",
         "cycle",
         "deadline",
+        "driving",
         "flow",
         "idle",
+        "next",
         "parser",
         "parsing",
         "pipeline",
+        "proxy",
         "scheme",
         "server",
         "state",
@@ -58,8 +62,10 @@ class H1Connection(asyncio.Protocol):
         self.state = state
         self.cycle: RequestCycle | None = None  # the cycle whose response is being written
         self.parsing: RequestCycle | None = None  # the cycle whose body is being read
-        self.pipeline: deque[RequestCycle] | None = None
+        self.next: RequestCycle | None = None  # the first request waiting for its turn
+        self.pipeline: deque[RequestCycle] | None = None  # requests queued behind `next`
         self.idle = True
+        self.driving = False
 
     # asyncio.Protocol
 
@@ -71,6 +77,8 @@ class H1Connection(asyncio.Protocol):
         self.client = _address(transport.get_extra_info("peername"))
         self.server = _address(transport.get_extra_info("sockname"))
         self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        proxy = state.proxy_headers
+        self.proxy = proxy if proxy is not None and proxy.trusts(self.client) else None
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
 
@@ -83,6 +91,8 @@ class H1Connection(asyncio.Protocol):
         except ParseError as exc:
             self.reject(exc.status, exc.reason)
             return
+        if self.next is not None and self.cycle is None:
+            self._drive()
         if self.parser.upgraded:
             # No upgrade handler: the request is served as plain HTTP, then the connection ends.
             self.flow.pause_reading()
@@ -90,7 +100,7 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
         self.flow.release()
-        for cycle in (self.cycle, self.parsing, *(self.pipeline or ())):
+        for cycle in (self.cycle, self.parsing, self.next, *(self.pipeline or ())):
             if cycle is not None:
                 cycle.on_disconnect()
 
@@ -142,17 +152,20 @@ class H1Connection(asyncio.Protocol):
         if connection and b"upgrade" in _tokens(connection):
             keep_alive = False
         self.deadline = 0.0
-        cycle = RequestCycle(self, self._scope(method, target, version, headers), keep_alive)
+        scope = self._scope(method, target, version, headers)
+        if self.proxy is not None:
+            self.proxy.apply(scope)
+        cycle = RequestCycle(self, scope, keep_alive)
         cycle.expect_100 = expect and (length not in (None, b"0") or coding is not None)
         cycle.more_body = length not in (None, b"0") or coding is not None
         self.parsing = cycle if cycle.more_body else None
-        if self.cycle is None:
-            self.start(cycle)
-        else:
-            if self.pipeline is None:
-                self.pipeline = deque()
-            self.pipeline.append(cycle)
-            self.flow.pause_reading()
+        if self.cycle is None and self.next is None:
+            self.next = cycle  # started by data_received once the parser has returned
+            return
+        if self.pipeline is None:
+            self.pipeline = deque()
+        self.pipeline.append(cycle)
+        self.flow.pause_reading()
 
     def _scope(
         self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
@@ -210,14 +223,38 @@ class H1Connection(asyncio.Protocol):
 
     # Request cycle driving
 
-    def start(self, cycle: RequestCycle) -> None:
+    def _pop_next(self) -> RequestCycle | None:
+        cycle = self.next
+        if cycle is not None:
+            self.next = self.pipeline.popleft() if self.pipeline else None
+        return cycle
+
+    def _drive(self) -> None:
+        """Start waiting requests in order, each app run eagerly until it first waits."""
+        self.driving = True
+        try:
+            while self.cycle is None:
+                cycle = self._pop_next()
+                if cycle is None:
+                    break
+                self._start(cycle, True)
+        finally:
+            self.driving = False
+        self.maybe_resume_reading()
+
+    def _start(self, cycle: RequestCycle, eager: bool) -> None:
         self.cycle = cycle
         state = self.state
         limit = state.limit_concurrency
         if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
             cycle.reject(503, b"Service Unavailable")
             return
-        task = state.loop.create_task(cycle.run(state.app))
+        if eager:
+            task = eager_start(state.loop, cycle.run(state.app))
+            if task is None:
+                return
+        else:
+            task = state.loop.create_task(cycle.run(state.app))
         cycle.task = task
         state.tasks.add(task)
 
@@ -226,21 +263,27 @@ class H1Connection(asyncio.Protocol):
         state = self.state
         if state.access_log:
             cycle.log_access()
-        state.count_request()
+        state.total_requests += 1
+        if state.total_requests == state.limit_max_requests:
+            state.on_max_requests()
         if not cycle.keep_alive or cycle is self.parsing or state.shutting_down:
             self.transport.close()
             return
         self.cycle = None
-        if self.pipeline:
-            self.start(self.pipeline.popleft())
-        else:
+        if self.next is None:
             self.idle = True
             self.deadline = state.clock + state.timeout_keep_alive
+        elif not self.driving:
+            # In a task, inside the previous app's send(): start the next one as a task of its
+            # own. (Inside data_received, _drive starts it.)
+            queued = self._pop_next()
+            if queued is not None:
+                self._start(queued, False)
         self.maybe_resume_reading()
 
     def maybe_resume_reading(self) -> None:
         """Read again once no pipelined request waits and the body buffer has room."""
-        if not self.flow.read_paused or self.pipeline or self.parser.upgraded:
+        if not self.flow.read_paused or self.next is not None or self.parser.upgraded:
             return
         if self.parsing is None or len(self.parsing.body) <= HIGH_WATER:
             self.flow.resume_reading()
@@ -251,7 +294,7 @@ class H1Connection(asyncio.Protocol):
         """Answer a request that cannot be served, then close the connection."""
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Rejected request (%d): %s", status, wire.escape(reason))
-        if self.cycle is None and not self.transport.is_closing():
+        if self.cycle is None and self.next is None and not self.transport.is_closing():
             body = reason.encode("latin-1", "replace")
             self.transport.write(wire.simple_response(status, body, self.state.default_headers))
         self.transport.close()

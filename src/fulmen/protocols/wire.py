@@ -34,18 +34,36 @@ def status_line(status: int) -> bytes:
     return line
 
 
-_valid_names: set[bytes] = set()
+# What the response writer must notice about a header, by lower-case name.
+ORDINARY, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, SERVER_OR_DATE = range(5)
+_KINDS = {
+    b"content-length": CONTENT_LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"connection": CONNECTION,
+    b"server": SERVER_OR_DATE,
+    b"date": SERVER_OR_DATE,
+}
+# (name, value) -> (validated header line, kind, lower-case name). Applications send the same
+# headers again and again; a hit skips validation and formatting. Cleared when full, so
+# one-off values cannot pin memory.
+HEADER_LINES: dict[object, tuple[bytes, int, bytes]] = {}
+_HEADER_LINES_MAX = 1024
 
 
-def check_header(name: bytes, value: bytes) -> None:
-    """Refuse a header that could split the response or is not a valid field."""
-    if name not in _valid_names:
-        if not isinstance(name, bytes) or _TOKEN.fullmatch(name) is None:
-            raise RuntimeError(f"Invalid HTTP header name {name!r}")
-        if len(_valid_names) < 1024:  # names repeat; values do not, so only names are cached
-            _valid_names.add(name)
+def header_line(header: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
+    """Validate one response header (no CR/LF injection) and format its line, cached."""
+    name, value = header
+    if not isinstance(name, bytes) or _TOKEN.fullmatch(name) is None:
+        raise RuntimeError(f"Invalid HTTP header name {name!r}")
     if not isinstance(value, bytes) or _BAD_VALUE.search(value) is not None:
         raise RuntimeError(f"Invalid HTTP header value {value!r}")
+    lname = name.lower()
+    entry = (b"%b: %b\r\n" % (name, value), _KINDS.get(lname, ORDINARY), lname)
+    if isinstance(header, tuple):
+        if len(HEADER_LINES) >= _HEADER_LINES_MAX:
+            HEADER_LINES.clear()
+        HEADER_LINES[header] = entry
+    return entry
 
 
 def valid_host(value: bytes) -> bool:
@@ -71,9 +89,8 @@ def default_header_lines(
     if date_header:
         lines.append((b"date", b"date: " + http_date() + CRLF))
     for name, value in extra:
-        raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
-        check_header(raw_name, raw_value)
-        lines.append((raw_name.lower(), raw_name + b": " + raw_value + CRLF))
+        line, _, lname = header_line((name.encode("latin-1"), value.encode("latin-1")))
+        lines.append((lname, line))
     return lines
 
 

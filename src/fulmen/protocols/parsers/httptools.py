@@ -16,7 +16,7 @@ class HttptoolsParser:
         "_head_bytes",
         "_head_size",
         "_headers",
-        "_in_head",
+        "_in_body",
         "_limits",
         "_parser",
         "_url",
@@ -29,13 +29,14 @@ class HttptoolsParser:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._head_bytes = 0
-        self._in_head = False
+        self._head_size = 0  # bytes of the current head's complete lines
+        self._head_bytes = 0  # bytes received since the last complete head
+        self._in_body = False
         self.upgraded = False
 
     def feed(self, data: bytes) -> None:
-        was_in_head = self._in_head
+        if not self._in_body:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -47,28 +48,20 @@ class HttptoolsParser:
         except httptools.HttpParserError as exc:
             reason = str(exc)
             raise ParseError(_ERROR_STATUS.get(reason, 400), reason) from None
-        if was_in_head and self._in_head:
+        if self._head_bytes > self._limits.head:
             # httptools buffers a header line until it is complete: bound what it may hold.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._limits.head:
-                raise ParseError(431, "Request header fields too large")
+            raise ParseError(431, "Request header fields too large")
 
-    # llhttp callbacks
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._head_size = 0
-        self._head_bytes = 0
-        self._in_head = True
+    # llhttp callbacks (there is no on_message_begin: state is reset when a head completes)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
         if len(self._url) > self._limits.request_line:
             raise ParseError(414, "Request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
+        if self._in_body:
             return  # a trailer field: RFC 9110 §6.5 lets us discard it
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._limits.head:
@@ -76,14 +69,17 @@ class HttptoolsParser:
         self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        url, headers = self._url, self._headers
+        self._url = b""
+        self._headers = []
+        self._head_size = self._head_bytes = 0
+        self._in_body = True
         parser = self._parser
-        self._callbacks.on_request(
-            parser.get_method(), self._url, parser.get_http_version(), self._headers
-        )
+        self._callbacks.on_request(parser.get_method(), url, parser.get_http_version(), headers)
 
     def on_body(self, body: bytes) -> None:
         self._callbacks.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._callbacks.on_message_complete()
