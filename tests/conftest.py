@@ -70,7 +70,7 @@ def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[Runnin
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.005)
-        for name in ("fulmen", "fulmen.error", "fulmen.access"):
+        for name in ("fulmen", "fulmen.access"):  # fulmen.error propagates to fulmen
             logging.getLogger(name).addHandler(handler)
         ready.set()
         await task
@@ -93,7 +93,7 @@ def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[Runnin
     finally:
         server.should_exit = True
         thread.join(TIMEOUT)
-        for name in ("fulmen", "fulmen.error", "fulmen.access"):
+        for name in ("fulmen", "fulmen.access"):
             logging.getLogger(name).removeHandler(handler)
         sock.close()
         assert not thread.is_alive(), "server did not stop"

@@ -212,8 +212,8 @@ class RequestCycle:
         else:
             append(state.defaults_without(frozenset(own_defaults)))
         append(CRLF)
+        append(self._framed(body, more_body))  # may refuse the body: then nothing was sent
         self.state = BODY
-        append(self._framed(body, more_body))
         conn.transport.write(b"".join(parts))
 
     def _write_body(self, body: bytes, more_body: bool) -> None:

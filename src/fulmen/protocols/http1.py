@@ -23,7 +23,15 @@ logger = logging.getLogger("fulmen.error")
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
 _SPECIAL = frozenset(
-    (b"host", b"connection", b"content-length", b"transfer-encoding", b"expect", b"upgrade")
+    (
+        b"host",
+        b"connection",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+    )
 )
 _VERSIONS = frozenset(("1.1", "1.0"))
 _METHODS: dict[bytes, str] = {}
@@ -119,7 +127,7 @@ class H1Connection(asyncio.Protocol):
         host_count = 0
         host = b""
         connection = b""
-        expect = False
+        expect = forwarded = False
         length: bytes | None = None
         coding: bytes | None = None
         for name, value in headers:
@@ -135,6 +143,8 @@ class H1Connection(asyncio.Protocol):
                     coding = value if coding is None else coding + b"," + value
                 elif name == b"expect":
                     expect = value.lower() == b"100-continue"
+                else:
+                    forwarded = True
         if version not in _VERSIONS:
             raise ParseError(505, f"HTTP version {version} not supported")
         if host_count > 1 or (version == "1.1" and host_count == 0):
@@ -153,7 +163,7 @@ class H1Connection(asyncio.Protocol):
             keep_alive = False
         self.deadline = 0.0
         scope = self._scope(method, target, version, headers)
-        if self.proxy is not None:
+        if forwarded and self.proxy is not None:
             self.proxy.apply(scope)
         cycle = RequestCycle(self, scope, keep_alive)
         cycle.expect_100 = expect and (length not in (None, b"0") or coding is not None)

@@ -66,8 +66,19 @@ def header_line(header: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
     return entry
 
 
+_valid_hosts: set[bytes] = set()
+
+
 def valid_host(value: bytes) -> bool:
-    return _HOST.fullmatch(value) is not None
+    """RFC 9112 §3.2 Host syntax; valid values are remembered (a server sees few)."""
+    if value in _valid_hosts:
+        return True
+    if _HOST.fullmatch(value) is None:
+        return False
+    if len(_valid_hosts) >= 256:
+        _valid_hosts.clear()
+    _valid_hosts.add(value)
+    return True
 
 
 def chunk(data: bytes) -> bytes:

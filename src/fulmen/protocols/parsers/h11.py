@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 import h11
+from h11._state import MIGHT_SWITCH_PROTOCOL
 
 from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks
 
@@ -57,7 +58,8 @@ class H11Parser:
                 self._on_request(event)
             elif isinstance(event, h11.EndOfMessage):
                 callbacks.on_message_complete()
-                if conn.their_state is not h11.DONE:  # MIGHT_SWITCH_PROTOCOL: an upgrade
+                # MUST_CLOSE (e.g. HTTP/1.0) is not an upgrade: http1.py decides keep-alive.
+                if conn.their_state is MIGHT_SWITCH_PROTOCOL:
                     self.upgraded = True
                     return
                 conn = self._next_cycle()
@@ -69,7 +71,8 @@ class H11Parser:
         pending, _ = self._conn.trailing_data
         self._conn = self._new_connection()
         self._head = bytearray(pending)
-        self._conn.receive_data(bytes(pending))
+        if pending:  # receive_data(b"") would mean the client closed
+            self._conn.receive_data(bytes(pending))
         return self._conn
 
     def _check_incomplete(self) -> None:

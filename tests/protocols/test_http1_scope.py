@@ -1,0 +1,143 @@
+"""The HTTP scope handed to the application, and the default response headers."""
+
+from __future__ import annotations
+
+import re
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from tests.protocols.http1_raw import Reader, request, respond
+
+
+def get(srv, *requests: bytes) -> list:
+    """Send requests on one connection and read their responses."""
+    with srv.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(b"".join(requests))
+        return [reader.response() for _ in requests]
+
+
+def recording_app(seen: list):
+    async def app(scope, receive, send) -> None:
+        seen.append(scope)
+        await respond(send, b"ok")
+
+    return app
+
+
+# Default headers
+
+
+async def plain_app(scope, receive, send) -> None:
+    await respond(send, b"ok")
+
+
+def test_default_server_and_date_headers(serve) -> None:
+    with serve(plain_app) as srv:
+        (response,) = get(srv, request())
+    assert response.all("server") == ["fulmen"]
+    (date,) = response.all("date")
+    assert parsedate_to_datetime(date).tzname() == "UTC"
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", date)
+
+
+@pytest.mark.parametrize(("name", "other"), [("server", "date"), ("date", "server")])
+def test_app_header_replaces_default(serve, name: str, other: str) -> None:
+    async def app(scope, receive, send) -> None:
+        await respond(send, b"ok", headers=[(name.title().encode(), b"custom")])
+
+    with serve(app) as srv:
+        (response,) = get(srv, request())
+    assert response.all(name) == ["custom"]
+    assert len(response.all(other)) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "kept"),
+    [("server_header", "server", "date"), ("date_header", "date", "server")],
+)
+def test_default_header_can_be_turned_off(serve, option: str, name: str, kept: str) -> None:
+    with serve(plain_app, **{option: False}) as srv:
+        (response,) = get(srv, request())
+    assert response.all(name) == []
+    assert len(response.all(kept)) == 1
+
+
+def test_extra_default_headers(serve) -> None:
+    with serve(plain_app, headers=["X-A: b", "X-Other: two words"]) as srv:
+        (response,) = get(srv, request())
+    assert b"\r\nX-A: b\r\n" in response.head
+    assert response.all("x-a") == ["b"]
+    assert response.all("x-other") == ["two words"]
+
+
+# Scope
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_scope(serve, version: str) -> None:
+    seen: list = []
+    raw = request(
+        "GET",
+        "/caf%C3%A9/a%20b?x=1&y=%20",
+        headers=[("Host", "example.com"), ("X-Mixed-Case", "  padded value \t")],
+        version=version,
+    )
+    with serve(recording_app(seen)) as srv:
+        with srv.connect() as sock:
+            client = sock.getsockname()
+            sock.sendall(raw)
+            assert Reader(sock).response().body == b"ok"
+        port = srv.port
+    (scope,) = seen
+    assert scope["type"] == "http"
+    assert scope["asgi"]["version"] == "3.0"
+    assert re.fullmatch(r"2\.\d+", scope["asgi"]["spec_version"])
+    assert scope["http_version"] == version
+    assert scope["method"] == "GET"
+    assert scope["scheme"] == "http"
+    assert scope["path"] == "/café/a b"
+    assert scope["raw_path"] == b"/caf%C3%A9/a%20b"
+    assert scope["query_string"] == b"x=1&y=%20"
+    assert scope["root_path"] == ""
+    assert scope["headers"] == [(b"host", b"example.com"), (b"x-mixed-case", b"padded value")]
+    assert tuple(scope["client"]) == client
+    assert tuple(scope["server"]) == ("127.0.0.1", port)
+    assert scope["state"] == {}
+    assert isinstance(scope["extensions"], dict)
+
+
+def test_scope_root_path(serve) -> None:
+    seen: list = []
+    with serve(recording_app(seen), root_path="/api") as srv:
+        get(srv, request(path="/users?id=1"))
+    (scope,) = seen
+    assert scope["root_path"] == "/api"
+    assert scope["path"] == "/api/users"
+    assert scope["raw_path"] == b"/api/users"
+    assert scope["query_string"] == b"id=1"
+
+
+def test_scope_state_is_a_copy_per_request(serve) -> None:
+    states: list = []
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    scope["state"]["greeting"] = "hello"
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        states.append(dict(scope["state"]))
+        scope["state"]["greeting"] = "changed"
+        scope["state"]["added"] = True
+        await respond(send, b"ok")
+
+    with serve(app, lifespan="on") as srv:
+        get(srv, request(), request())
+        get(srv, request())
+    assert states == [{"greeting": "hello"}] * 3
