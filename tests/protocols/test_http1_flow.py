@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, recv_until_closed
 from tests.protocols.http1_raw import (
     Reader,
     echo_app,
@@ -103,6 +103,15 @@ def test_pipelined_request_with_body(serve, body_first: bool) -> None:
         reader = Reader(sock)
         sock.sendall(b"".join(requests) + request(path="/last"))
         assert [reader.response().body for _ in range(3)] == [*expected, b"GET /last "]
+
+
+def test_malformed_request_behind_valid_ones(serve) -> None:
+    # The requests before the bad one are answered in order, then the connection closes.
+    with serve(echo_app) as srv, srv.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request(path="/a") + request(path="/b") + b"GARBAGE\r\n\r\n")
+        assert [reader.response().body for _ in range(2)] == [b"GET /a ", b"GET /b "]
+        assert recv_until_closed(sock) == b""
 
 
 # Response framing

@@ -98,7 +98,6 @@ class H1Connection(asyncio.Protocol):
             self.parser.feed(data)
         except ParseError as exc:
             self.reject(exc.status, exc.reason)
-            return
         if self.next is not None and self.cycle is None:
             self._drive()
         if self.parser.upgraded:
@@ -301,10 +300,19 @@ class H1Connection(asyncio.Protocol):
     # Errors, timeouts, shutdown
 
     def reject(self, status: int, reason: str) -> None:
-        """Answer a request that cannot be served, then close the connection."""
+        """Answer a request that cannot be served with `status`, then close the connection.
+
+        Requests queued before the bad one are answered first; a body that turns out malformed
+        ends the connection (its app sees `http.disconnect`).
+        """
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Rejected request (%d): %s", status, wire.escape(reason))
-        if self.cycle is None and self.next is None and not self.transport.is_closing():
+        before = self.pipeline[-1] if self.pipeline else (self.next or self.cycle)
+        if before is not None and self.parsing is None:
+            self.flow.pause_reading()
+            before.keep_alive = False
+            return
+        if before is None and not self.transport.is_closing():
             body = reason.encode("latin-1", "replace")
             self.transport.write(wire.simple_response(status, body, self.state.default_headers))
         self.transport.close()
