@@ -9,8 +9,20 @@ from typing import Any
 import click
 
 import fulmen
-from fulmen.config import OPTION_FIELDS
+from fulmen.config import OPTION_FIELDS, Config
 from fulmen.main import run
+
+
+class _Lines(click.types.StringParamType):
+    """A string option whose environment variable holds one value per line.
+
+    (Click splits repeatable options' variables on whitespace, which would cut 'Name: value'.)
+    """
+
+    envvar_list_splitter = "\n"
+
+
+_LINES = _Lines()
 
 
 def _param(f: dataclasses.Field[Any]) -> click.Option:
@@ -25,7 +37,7 @@ def _param(f: dataclasses.Field[Any]) -> click.Option:
     if meta["choices"]:
         kwargs["type"] = click.Choice(meta["choices"])
     elif meta["multiple"]:
-        kwargs.update(multiple=True, type=str)
+        kwargs.update(multiple=True, type=_LINES)
     elif "/" not in flag:
         kwargs["type"] = meta["kind"] or type(default)
     if "/" in flag or isinstance(default, bool):
@@ -47,6 +59,10 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
 
 
 def _main(app: str, **options: Any) -> None:
+    try:
+        Config(app, **options)  # validate first: a bad value is a usage error, not a traceback
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     run(app, **options)
 
 

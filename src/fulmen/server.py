@@ -33,7 +33,8 @@ TICK_SECONDS = 1.0
 
 def load_app(config: Config) -> tuple[ASGIApp, str]:
     """Import, call the factory and adapt the interface: (ASGI3 app, interface name)."""
-    sys.path.insert(0, os.path.abspath(config.app_dir))
+    if isinstance(config.app, str):  # only an import needs it; an embedding program's path stays
+        sys.path.insert(0, os.path.abspath(config.app_dir))
     app: Any = import_from_string(config.app)
     if config.factory:
         try:
@@ -142,7 +143,10 @@ class Server:
         state = self.state
         assert state is not None and self._loop is not None
         state.tick()
-        now = state.clock
+        # Deadlines are set from this coarse clock, which lags real time by up to one tick:
+        # compare them with the clock one tick back, so a timeout never fires before it is due
+        # (it fires between its value and one tick after, rounded up to the tick).
+        now = state.clock - TICK_SECONDS
         for conn in list(state.connections):
             conn.check_timeout(now)
         self._tick_handle = self._loop.call_later(TICK_SECONDS, self._tick)

@@ -55,6 +55,7 @@ class RequestCycle:
         "headers",
         "keep_alive",
         "more_body",
+        "receiving",
         "remaining",
         "request_done",
         "scope",
@@ -73,6 +74,7 @@ class RequestCycle:
         self.body_received = 0
         self.more_body = False
         self.request_done = False  # the final http.request message was handed to the app
+        self.receiving = False  # the app has called receive()
         self.expect_100 = False
         self.disconnected = False
         self.state = START
@@ -108,6 +110,7 @@ class RequestCycle:
     # ASGI
 
     async def receive(self) -> Message:
+        self.receiving = True
         if self.expect_100:
             # RFC 9110 §10.1.1: ask for the body only once the app wants it.
             self.expect_100 = False
@@ -200,7 +203,9 @@ class RequestCycle:
             self.framing = UNTIL_CLOSE
             self.keep_alive = False
         state = conn.state
-        if state.shutting_down:
+        if state.shutting_down or (self.more_body and not self.receiving):
+            # Answering before asking for the body: it will not be read, so the connection
+            # cannot be reused (RFC 9110 §10.1.1 lets us close instead of draining it).
             self.keep_alive = False
         if not app_connection:
             if not self.keep_alive:
@@ -254,7 +259,8 @@ class RequestCycle:
             logger.error("Exception in ASGI application", exc_info=exc)
             self._fail()
         else:
-            if self.state is START or self.state is HEAD:
+            # A client that left needs no response: returning on http.disconnect is no error.
+            if (self.state is START or self.state is HEAD) and not self.disconnected:
                 logger.error("ASGI callable returned without sending a response.")
                 self._fail()
             elif self.state is not DONE and not self.disconnected:

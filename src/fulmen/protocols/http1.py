@@ -16,7 +16,7 @@ from fulmen.protocols import wire
 from fulmen.protocols.cycle import RequestCycle
 from fulmen.protocols.eager import start as eager_start
 from fulmen.protocols.flow import FlowControl
-from fulmen.protocols.parsers import ParseError, Parser
+from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -151,7 +151,7 @@ class H1Connection(asyncio.Protocol):
         if host_count and not wire.valid_host(host):
             raise ParseError(400, "Invalid Host header")
         if coding is not None:
-            _check_transfer_coding(coding, length)
+            check_transfer_coding(coding, length is not None)
         elif length is not None and state.limit_request_body is not None:
             _check_length(int(length), state.limit_request_body)
         if version == "1.1":
@@ -217,10 +217,10 @@ class H1Connection(asyncio.Protocol):
         cycle = self.parsing
         if cycle is None:
             return
-        cycle.on_body(data)
         limit = self.state.limit_request_body
-        if limit is not None:
-            _check_length(cycle.body_received, limit)
+        if limit is not None:  # before buffering: the app never sees more than the limit
+            _check_length(cycle.body_received + len(data), limit)
+        cycle.on_body(data)
         if len(cycle.body) > HIGH_WATER:
             self.flow.pause_reading()
 
@@ -313,7 +313,8 @@ class H1Connection(asyncio.Protocol):
             before.keep_alive = False
             return
         if before is None and not self.transport.is_closing():
-            body = reason.encode("latin-1", "replace")
+            # The status phrase only: the detail may quote the client's bytes back.
+            body = wire.status_line(status)[13:-2]
             self.transport.write(wire.simple_response(status, body, self.state.default_headers))
         self.transport.close()
 
@@ -333,17 +334,6 @@ class H1Connection(asyncio.Protocol):
 
 def _tokens(value: bytes) -> set[bytes]:
     return {token.strip() for token in value.split(b",")}
-
-
-def _check_transfer_coding(coding: bytes, length: bytes | None) -> None:
-    """RFC 9112 §6.1-6.3: only a final `chunked` is understood; never with Content-Length."""
-    if length is not None:
-        raise ParseError(400, "Content-Length with Transfer-Encoding")
-    codings = [item.strip().lower() for item in coding.split(b",")]
-    if any(item != b"chunked" for item in codings):
-        raise ParseError(501, "Unsupported transfer coding")
-    if len(codings) != 1:
-        raise ParseError(400, "Invalid Transfer-Encoding")
 
 
 def _check_length(length: int, limit: int) -> None:
