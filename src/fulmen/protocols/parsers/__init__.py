@@ -31,6 +31,23 @@ class ParserCallbacks(Protocol):
     def on_message_complete(self) -> None: ...
 
 
+def check_transfer_coding(coding: bytes, has_length: bool) -> None:
+    """Raise the `ParseError` a request's Transfer-Encoding (all its fields joined) deserves.
+
+    Shared by both adapters' callers, so the status does not depend on which parser noticed:
+    RFC 9112 §6.1: never with Content-Length (400) and an unknown coding is 501; §6.3 and §7:
+    `chunked` must be the final coding and applied only once (400: the framing is ambiguous).
+    """
+    if has_length:
+        raise ParseError(400, "Content-Length with Transfer-Encoding")
+    codings = [item.strip().lower() for item in coding.split(b",")]
+    chunked = codings.count(b"chunked")
+    if chunked > 1 or (chunked and codings[-1] != b"chunked"):
+        raise ParseError(400, "Invalid Transfer-Encoding")
+    if chunked == 0 or len(codings) > 1:
+        raise ParseError(501, "Unsupported transfer coding")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Size limits shared by both parsers."""
