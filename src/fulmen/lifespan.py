@@ -79,19 +79,21 @@ class Lifespan:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "lifespan.startup.complete":
-            self.startup_event.set()
-        elif kind == "lifespan.startup.failed":
-            self.startup_failed = True
-            self.startup_event.set()
-            if message.get("message"):
-                logger.error(message["message"])
-        elif kind == "lifespan.shutdown.complete":
-            self.shutdown_event.set()
-        elif kind == "lifespan.shutdown.failed":
-            self.shutdown_failed = True
-            self.shutdown_event.set()
-            if message.get("message"):
-                logger.error(message["message"])
-        else:
+        if kind not in _OUTCOMES:
             raise RuntimeError(f"Unexpected lifespan message {kind!r}")
+        phase, failed = _OUTCOMES[kind]
+        if failed:
+            setattr(self, f"{phase}_failed", True)
+            if message.get("message"):
+                logger.error(message["message"])
+        event: asyncio.Event = getattr(self, f"{phase}_event")
+        event.set()
+
+
+# message type -> (phase, failed)
+_OUTCOMES = {
+    "lifespan.startup.complete": ("startup", False),
+    "lifespan.startup.failed": ("startup", True),
+    "lifespan.shutdown.complete": ("shutdown", False),
+    "lifespan.shutdown.failed": ("shutdown", True),
+}

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fulmen.protocols import wire
+from fulmen.protocols.flow import wake
 from fulmen.protocols.wire import (
     CONNECTION,
     CONTENT_LENGTH,
@@ -104,8 +105,7 @@ class RequestCycle:
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+            wake(waiter)
 
     # ASGI
 

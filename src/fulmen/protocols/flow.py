@@ -50,7 +50,11 @@ class FlowControl:
 
     def _wake(self) -> None:
         waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._drain_waiter = None
+        wake(waiter)
+
+
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    """Resume whoever awaits `waiter`, unless it is gone (cancelled) or already resumed."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
