@@ -19,8 +19,10 @@ def detect_interface(app: Any) -> str:
     """'asgi3' for `async def app(scope, receive, send)`, 'asgi2' for `app(scope)`."""
     if inspect.isclass(app):
         return "asgi3" if hasattr(app, "__await__") else "asgi2"
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else app.__call__
-    return "asgi3" if inspect.iscoroutinefunction(call) else "asgi2"
+    # `app` itself first: this also sees through functools.partial of an async function.
+    if inspect.iscoroutinefunction(app):
+        return "asgi3"
+    return "asgi3" if inspect.iscoroutinefunction(app.__call__) else "asgi2"
 
 
 def adapt(app: Any, interface: str) -> ASGIApp:
@@ -149,16 +151,21 @@ class _WSGICall:
     def run(self) -> None:
         environ = build_environ(self.scope, _WSGIInput(self._receive))
         result = self.app(environ, self.start_response)
+        last = b""
         try:
-            for chunk in result:
-                if chunk:
-                    self.write(chunk)
+            if isinstance(result, (list, tuple)) and len(result) == 1:
+                # PEP 3333: a one-block response may be sent with a Content-Length.
+                last = result[0]
+            else:
+                for chunk in result:
+                    if chunk:
+                        self.write(chunk)
             self.write(b"")
         finally:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 def build_environ(scope: Scope, body: io.RawIOBase) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class ColourFormatter(logging.Formatter):
 
 
 class AccessFormatter(ColourFormatter):
-    """Colours the status code of access lines by class (2xx green, 4xx yellow, 5xx red)."""
+    """Colours the status code of access lines by class (2xx green, 3xx yellow, 4xx red)."""
 
     _STATUS_COLOURS = {1: "bright_white", 2: "green", 3: "yellow", 4: "red", 5: "bright_red"}
 

@@ -1,0 +1,197 @@
+"""Shared helpers for the CLI, lifespan, logging and server tests.
+
+`Fulmen` runs `python -m fulmen ...` in a subprocess (cwd = the repository, so `tests.apps:NAME`
+imports), collects its stderr and stdout lines in reader threads and waits for lines with a
+deadline; `record_logs` captures the `fulmen` log records of a server started in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from fulmen import server as server_module
+from tests.conftest import TIMEOUT, RecordingHandler
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = re.compile(r"Fulmen running on (\S+)")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without FULMEN_* settings, plus `extra`."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("FULMEN_") and key != "FORWARDED_ALLOW_IPS"
+    }
+    env.update(extra)
+    return env
+
+
+def run_fulmen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run fulmen to completion (for commands that exit on their own), bounded by 20 s."""
+    return subprocess.run(
+        [sys.executable, "-m", "fulmen", *args],
+        cwd=ROOT,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+class _Lines:
+    """Lines of one pipe, read by a thread; `wait_for` blocks until a line matches."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        checked = 0
+        with self._cond:
+            while True:
+                for line in self.lines[checked:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                checked = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self.closed or remaining <= 0:
+                    text = "\n".join(self.lines)
+                    raise AssertionError(f"no line matching {regex.pattern!r} in:\n{text}")
+                self._cond.wait(remaining)
+
+    def join(self) -> None:
+        self._thread.join(TIMEOUT)
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+
+class Fulmen:
+    """A running `python -m fulmen` process; use as a context manager (always stopped)."""
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        wait_started: bool = True,
+    ) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fulmen", *args],
+            cwd=ROOT,
+            env=env or clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.stderr = _Lines(self.proc.stderr)
+        self.stdout = _Lines(self.proc.stdout)
+        self.address = ""
+        if wait_started:
+            try:
+                self.address = self.stderr.wait_for(STARTED).group(1)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        """The exit code, once the process ended and its output was read."""
+        code = self.proc.wait(timeout)
+        self.stderr.join()
+        self.stdout.join()
+        return code
+
+    def close(self) -> None:
+        """Stop the process if it still runs (gracefully, then by force) and close the pipes."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            self.stderr.join()
+            self.stdout.join()
+        finally:
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+    def __enter__(self) -> Fulmen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def record_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingHandler]:
+    """Record every `fulmen` log record of servers started meanwhile, from their first line.
+
+    `Server.serve` reconfigures logging (replacing handlers), so the recording handler is added
+    right after that configuration.
+    """
+    handler = RecordingHandler()
+    names = ("fulmen", "fulmen.access")
+    original = server_module.configure_logging
+
+    def configure(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        for name in names:
+            logging.getLogger(name).addHandler(handler)
+
+    monkeypatch.setattr(server_module, "configure_logging", configure)
+    try:
+        yield handler
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(handler)
+
+
+def messages(handler: RecordingHandler, level: int = logging.DEBUG) -> list[str]:
+    return [record.getMessage() for record in handler.records if record.levelno >= level]
