@@ -125,4 +125,10 @@ def escape(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
-_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+# C0 and C1 controls and DEL, plus the Unicode line and paragraph separators: a percent-decoded
+# path can hold any of them, and log readers (str.splitlines among them) break lines at some.
+_CONTROL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))},
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}

@@ -3,35 +3,124 @@
 h11 is used for parsing only (responses are framed by `fulmen.protocols.wire` for both parsers),
 with a fresh `h11.Connection` per request fed the previous one's unparsed bytes.
 
-h11 is more lenient than llhttp in three places that matter for request smuggling: it folds
-obs-fold lines, accepts bare LF line endings and merges identical duplicate Content-Length
-fields. The adapter keeps the raw head until h11 emits the request and rejects those, so both
-parsers accept and reject the same requests.
+h11 is more lenient than llhttp (strict) in places that matter for request smuggling: it
+folds obs-fold lines, accepts bare LF line endings, merges identical duplicate Content-Length
+fields, keeps control characters in field values and accepts any bytes after `;` in a chunk
+header (even a bare CR) and bare LF in the trailer section. The adapter keeps the raw head until
+h11 emits the request and rejects those, and reads chunked bodies itself, strictly, so both
+parsers accept and reject the same requests (checked against llhttp's own test vectors in
+tests/protocols/test_llhttp_corpus.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import h11
 from h11._state import MIGHT_SWITCH_PROTOCOL
 
-from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks
+from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks, check_transfer_coding
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _OBS_FOLD = re.compile(rb"\n[ \t]")  # RFC 9112 §5.2: reject obs-fold in requests
 _BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2: bare LF is not a line ending here
+# RFC 9110 §5.5: CTLs other than HTAB are invalid in field values; llhttp rejects them (h11
+# rejects NUL and whitespace controls itself, bare CR included).
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_MAX_LENGTH = 1 << 64  # llhttp's bound on Content-Length and chunk sizes
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_SIMPLE_REQUEST = re.compile(rb"%b /[!-~]*\r?\n" % _TOKEN)  # HTTP/0.9 (no version), as llhttp
+
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( ";" name [ "=" value ] ), without
+# the optional whitespace, as llhttp (strict) reads it; a trailer field is a field line (§7.1.2).
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:;%b(?:=(?:%b|%b)?)?)*" % (_TOKEN, _TOKEN, _QUOTED))
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_FIELD_LINE = re.compile(rb"%b:[ \t]*(?:%b+(?:[ \t]+%b+)*)?[ \t]*" % (_TOKEN, _VCHAR, _VCHAR))
+SIZE, DATA, DATA_END, TRAILERS = range(4)
+
+
+class ChunkedBody:
+    """Reads one chunked body (RFC 9112 §7.1) strictly, returning what follows it."""
+
+    __slots__ = ("_buffer", "_limit", "_remaining", "_state", "_trailer_size")
+
+    def __init__(self, limit: int) -> None:
+        self._buffer = b""
+        self._limit = limit  # bound on a chunk header line and on the trailer section
+        self._remaining = 0  # data bytes left in the current chunk
+        self._state = SIZE
+        self._trailer_size = 0
+
+    def feed(self, data: bytes, on_body: Callable[[bytes], None]) -> bytes | None:
+        """Hand chunk data to `on_body`; at the end of the body return the bytes after it."""
+        buffer = self._buffer + data if self._buffer else data
+        pos = 0
+        while True:
+            state = self._state
+            if state is DATA:
+                size = min(self._remaining, len(buffer) - pos)
+                if size:
+                    on_body(buffer[pos : pos + size])
+                    pos += size
+                    self._remaining -= size
+                if self._remaining:
+                    break
+                self._state = DATA_END
+            elif state is DATA_END:
+                if len(buffer) - pos < 2:
+                    break
+                if buffer[pos : pos + 2] != b"\r\n":
+                    raise ParseError(400, "Chunk data not followed by CRLF")
+                pos += 2
+                self._state = SIZE
+            else:
+                end = buffer.find(b"\r\n", pos)
+                if end < 0:
+                    # Without a CRLF, an LF here is a bare one: reject now rather than wait.
+                    if b"\n" in buffer[pos:] or len(buffer) - pos > self._limit:
+                        raise ParseError(400, "Invalid chunk header or trailer line")
+                    break
+                line = buffer[pos:end]
+                pos = end + 2
+                if state is SIZE:
+                    self._chunk_header(line)
+                elif line:
+                    self._trailer_size += len(line) + 2
+                    if self._trailer_size > self._limit:
+                        raise ParseError(431, "Trailer section too large")
+                    if _FIELD_LINE.fullmatch(line) is None:
+                        raise ParseError(400, "Invalid trailer field")
+                else:
+                    self._buffer = b""
+                    return buffer[pos:]
+        self._buffer = buffer[pos:]
+        return None
+
+    def _chunk_header(self, line: bytes) -> None:
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None or len(line) > self._limit:
+            raise ParseError(400, "Invalid chunk header")
+        size = int(match[1], 16)
+        if size >= _MAX_LENGTH:
+            raise ParseError(400, "Chunk size too large")
+        self._remaining = size
+        self._state = DATA if size else TRAILERS
 
 
 class H11Parser:
-    __slots__ = ("_callbacks", "_conn", "_head", "_limits", "upgraded")
+    __slots__ = ("_callbacks", "_chunked", "_conn", "_head", "_limits", "_switch", "upgraded")
 
     def __init__(self, callbacks: ParserCallbacks, limits: Limits) -> None:
         self._callbacks = callbacks
         self._limits = limits
         self._conn = self._new_connection()
         self._head: bytearray | None = bytearray()
+        self._chunked: ChunkedBody | None = None  # the chunked body being read, if any
+        self._switch = False  # the request asks for a protocol switch (h11's rule)
         self.upgraded = False
 
     def _new_connection(self) -> h11.Connection:
@@ -39,8 +128,17 @@ class H11Parser:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)
 
     def feed(self, data: bytes) -> None:
-        if self._head is not None:
-            self._head += data
+        if self._chunked is not None:
+            self._feed_chunked(data)
+            return
+        head = self._head
+        if head is not None:
+            if not head:
+                # RFC 9112 §2.2: ignore empty lines before a request line (llhttp does too).
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    return  # receive_data(b"") would mean the client closed
+            head += data
         self._conn.receive_data(data)
         self._drain()
 
@@ -51,11 +149,19 @@ class H11Parser:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ParseError(exc.error_status_hint, str(exc)) from None
+                raise self._error(exc) from None
             if isinstance(event, h11.Data):
                 callbacks.on_body(bytes(event.data))
             elif isinstance(event, h11.Request):
                 self._on_request(event)
+                if any(name == b"transfer-encoding" for name, _ in event.headers):
+                    # h11 let only `chunked` through, but reads its syntax loosely: take over.
+                    self._chunked = ChunkedBody(self._limits.head)
+                    self._switch = event.method == b"CONNECT" or any(
+                        name == b"upgrade" for name, _ in event.headers
+                    )
+                    self._feed_chunked(conn.trailing_data[0])
+                    return
             elif isinstance(event, h11.EndOfMessage):
                 callbacks.on_message_complete()
                 # MUST_CLOSE (e.g. HTTP/1.0) is not an upgrade: http1.py decides keep-alive.
@@ -68,12 +174,39 @@ class H11Parser:
                 return
 
     def _next_cycle(self) -> h11.Connection:
-        pending, _ = self._conn.trailing_data
+        pending = self._conn.trailing_data[0].lstrip(b"\r\n")  # RFC 9112 §2.2, as in feed()
         self._conn = self._new_connection()
         self._head = bytearray(pending)
         if pending:  # receive_data(b"") would mean the client closed
-            self._conn.receive_data(bytes(pending))
+            self._conn.receive_data(pending)
         return self._conn
+
+    def _feed_chunked(self, data: bytes) -> None:
+        chunked = self._chunked
+        assert chunked is not None
+        rest = chunked.feed(data, self._callbacks.on_body)
+        if rest is None:
+            return
+        self._chunked = None
+        self._callbacks.on_message_complete()
+        if self._switch:  # as h11 would: MIGHT_SWITCH_PROTOCOL after the request
+            self.upgraded = True
+            return
+        self._conn = self._new_connection()
+        self._head = bytearray()
+        self.feed(rest)
+
+    def _error(self, exc: h11.RemoteProtocolError) -> ParseError:
+        """The ParseError for h11's error, with the status llhttp and http1.py would give."""
+        status, head = exc.error_status_hint, bytes(self._head or b"")
+        if status == 501:  # h11 knows only a lone `chunked`: apply fulmen's rule instead
+            coding = b",".join(_TRANSFER_ENCODING.findall(head))
+            check_transfer_coding(coding, _CONTENT_LENGTH.search(head) is not None)
+        elif status == 431:  # h11 counts the whole head; a request line too long is 414
+            self._check_incomplete()
+        elif _SIMPLE_REQUEST.match(head):
+            return ParseError(505, "HTTP version 0.9 not supported")
+        return ParseError(status, str(exc))
 
     def _check_incomplete(self) -> None:
         head = self._head
@@ -93,9 +226,13 @@ class H11Parser:
             raise ParseError(431, "Request header fields too large")
         if _BARE_LF.search(raw) or _OBS_FOLD.search(raw):
             raise ParseError(400, "Invalid line ending or obs-fold in request head")
+        if _CONTROL.search(raw):
+            raise ParseError(400, "Invalid character in request head")
         lengths = _CONTENT_LENGTH.findall(raw)
         if len(lengths) > 1 or (lengths and b"," in lengths[0]):
             raise ParseError(400, "Duplicate Content-Length")
+        if lengths and int(lengths[0]) >= _MAX_LENGTH:
+            raise ParseError(400, "Content-Length too large")
         self._callbacks.on_request(
             event.method,
             event.target,
