@@ -166,6 +166,10 @@ class Server:
         state.shutting_down = True
         for server in self.servers:
             server.close()
+        # Connections accepted just before the listener closed are still being set up: let
+        # them reach connection_made, which closes them when shutting down.
+        for _ in range(3):
+            await asyncio.sleep(0)
         for conn in list(state.connections):
             conn.shutdown()
         await self._wait_for_connections()

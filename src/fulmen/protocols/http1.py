@@ -89,6 +89,8 @@ class H1Connection(asyncio.Protocol):
         self.proxy = proxy if proxy is not None and proxy.trusts(self.client) else None
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
+        if state.shutting_down:  # accepted just before the listener closed
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.idle:

@@ -13,6 +13,7 @@ _ERROR_STATUS = {"Invalid HTTP version": 505}
 class HttptoolsParser:
     __slots__ = (
         "_callbacks",
+        "_chunk",
         "_head_bytes",
         "_head_size",
         "_headers",
@@ -32,9 +33,11 @@ class HttptoolsParser:
         self._head_size = 0  # bytes of the current head's complete lines
         self._head_bytes = 0  # bytes received since the last complete head
         self._in_body = False
+        self._chunk = b""  # the data being fed, to tell HTTP/1.0 from RTSP/ICE
         self.upgraded = False
 
     def feed(self, data: bytes) -> None:
+        self._chunk = data
         if not self._in_body:
             self._head_bytes += len(data)
         try:
@@ -75,7 +78,15 @@ class HttptoolsParser:
         self._head_size = self._head_bytes = 0
         self._in_body = True
         parser = self._parser
-        self._callbacks.on_request(parser.get_method(), url, parser.get_http_version(), headers)
+        version = parser.get_http_version()
+        if version == "1.0" and self._other_protocol(url):
+            raise ParseError(400, "Not an HTTP request")
+        self._callbacks.on_request(parser.get_method(), url, version, headers)
+
+    def _other_protocol(self, url: bytes) -> bool:
+        """llhttp also parses RTSP/1.0 and ICE/1.0 and reports them as version 1.0."""
+        chunk = self._chunk
+        return url + b" RTSP/" in chunk or url + b" ICE/" in chunk
 
     def on_body(self, body: bytes) -> None:
         self._callbacks.on_body(body)
