@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import threading
@@ -96,6 +97,9 @@ def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[Runnin
         for name in ("fulmen", "fulmen.access"):
             logging.getLogger(name).removeHandler(handler)
         sock.close()
+        # Collect now, so a transport or socket left unclosed is reported (ResourceWarning,
+        # an error under filterwarnings) against the test that started this server.
+        gc.collect()
         assert not thread.is_alive(), "server did not stop"
         if errors:
             raise errors[0]
