@@ -102,18 +102,20 @@ class Server:
         self._exit_event = asyncio.Event()
         if self._should_exit:
             self._exit_event.set()
+        app, interface = load_app(config)  # a bad import string is one error line, nothing else
         logger.info("Started server process [%d]", os.getpid())
         installed = self._install_signal_handlers()
         try:
-            await self._serve(sockets)
+            await self._serve(app, interface, sockets)
         finally:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
         logger.info("Finished server process [%d]", os.getpid())
 
-    async def _serve(self, sockets: list[socket.socket] | None) -> None:
+    async def _serve(
+        self, app: ASGIApp, interface: str, sockets: list[socket.socket] | None
+    ) -> None:
         config = self.config
-        app, interface = load_app(config)
         app_state: dict[str, Any] = {}
         lifespan = None
         if config.lifespan != "off" and interface != "wsgi":
