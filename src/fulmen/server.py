@@ -49,21 +49,6 @@ def load_app(config: Config) -> tuple[ASGIApp, str]:
     return adapt(app, interface), interface
 
 
-async def _accepts_in_flight() -> None:
-    """Let connections accepted just before the listener closed reach connection_made
-    (which closes them while shutting down), so none is left unclosed.
-
-    asyncio sets each accepted connection up in a task of its own; uvloop has none.
-    """
-    pending = [
-        task
-        for task in asyncio.all_tasks()
-        if getattr(task.get_coro(), "__qualname__", "").endswith("_accept_connection2")
-    ]
-    if pending:
-        await asyncio.wait(pending, timeout=1.0)
-
-
 class Server:
     """Serve one `Config`. `await server.serve()` works inside an already running loop."""
 
@@ -183,7 +168,6 @@ class Server:
         state.shutting_down = True
         for server in self.servers:
             server.close()
-        await _accepts_in_flight()
         for conn in list(state.connections):
             conn.shutdown()
         await self._wait_for_connections()

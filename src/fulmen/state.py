@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ class ServerState:
     ) -> None:
         self.app = app
         self.app_state = app_state
+        # Each request runs in a copy of the server's context, never of another request's.
+        self.context = contextvars.copy_context()
         self.loop = loop
         self.parser_factory = parser_class(config.http)
         self.limits = Limits(config.limit_request_line, config.h11_max_incomplete_event_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import re
 from email.utils import parsedate_to_datetime
 
@@ -141,3 +143,26 @@ def test_scope_state_is_a_copy_per_request(serve) -> None:
         get(srv, request(), request())
         get(srv, request())
     assert states == [{"greeting": "hello"}] * 3
+
+
+# Context: each request runs in a context of its own, as in a Task of its own, also when the
+# app finishes without waiting (fulmen then runs it without creating a Task).
+
+REQUEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("request_var", default="unset")
+
+
+async def context_app(scope, receive, send) -> None:
+    seen = REQUEST_VAR.get()
+    REQUEST_VAR.set(scope["path"])
+    if scope["query_string"] == b"wait":
+        await asyncio.sleep(0)  # this request continues in a Task
+    await respond(send, seen.encode())
+
+
+@pytest.mark.parametrize("query", ["", "wait"])
+def test_context_variables_do_not_leak_between_requests(serve, query: str) -> None:
+    with serve(context_app) as srv:
+        responses = get(srv, request(path=f"/a?{query}"), request(path=f"/b?{query}"))
+        (other,) = get(srv, request(path="/c"))
+    assert [r.body for r in responses] == [b"unset", b"unset"]
+    assert other.body == b"unset"

@@ -45,19 +45,29 @@ async def _finish(resume: _Resume) -> None:
     await resume
 
 
-def start(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+def start_eagerly(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], base: contextvars.Context
 ) -> asyncio.Task[None] | None:
-    """Run `coro` until it first waits; return the Task that finishes it, or None if done.
+    """Run `coro` in a copy of `base` until it first waits; return the Task that finishes it,
+    or None if it is done.
 
     `coro` must handle its own exceptions (a request cycle does): only StopIteration ends the
     first step here.
     """
-    context = contextvars.copy_context()
+    context = base.copy()
     try:
         awaited = context.run(coro.send, None)
     except StopIteration:
         return None
     # The Task copies the current context: inside `context.run` that is this request's context.
     task: asyncio.Task[None] = context.run(loop.create_task, _finish(_Resume(coro, awaited)))
+    return task
+
+
+def create_task(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], base: contextvars.Context
+) -> asyncio.Task[None]:
+    """A plain Task for `coro`, in a copy of `base` rather than of the caller's context (the
+    caller may be the previous request's task)."""
+    task: asyncio.Task[None] = base.run(loop.create_task, coro)
     return task

@@ -14,7 +14,7 @@ from urllib.parse import unquote_to_bytes
 
 from fulmen.protocols import wire
 from fulmen.protocols.cycle import RequestCycle
-from fulmen.protocols.eager import start as eager_start
+from fulmen.protocols.eager import create_task, start_eagerly
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
 from fulmen.state import ServerState
@@ -261,11 +261,11 @@ class H1Connection(asyncio.Protocol):
             cycle.reject(503, b"Service Unavailable")
             return
         if eager:
-            task = eager_start(state.loop, cycle.run(state.app))
+            task = start_eagerly(state.loop, cycle.run(state.app), state.context)
             if task is None:
                 return
         else:
-            task = state.loop.create_task(cycle.run(state.app))
+            task = create_task(state.loop, cycle.run(state.app), state.context)
         cycle.task = task
         state.tasks.add(task)
 
