@@ -97,9 +97,9 @@ CASES: dict[str, Case] = {
     "length-empty": Case(post(b"Content-Length: "), 400),
     "length-hex": Case(post(b"Content-Length: 0x5", body=b"hello"), 400),
     "length-overflow": Case(post(b"Content-Length: 1" + b"0" * 24), 400),
-    "coding-gzip": Case(post(b"Transfer-Encoding: gzip"), 501),
+    "coding-gzip": Case(post(b"Transfer-Encoding: gzip"), 400),
     "coding-gzip-chunked": Case(post(b"Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), 501),
-    "coding-identity": Case(post(b"Transfer-Encoding: identity"), 501),
+    "coding-identity": Case(post(b"Transfer-Encoding: identity"), 400),
     "coding-chunked-not-last": Case(
         post(b"Transfer-Encoding: chunked, gzip", body=b"0\r\n\r\n"), 400
     ),

@@ -35,16 +35,17 @@ def check_transfer_coding(coding: bytes, has_length: bool) -> None:
     """Raise the `ParseError` a request's Transfer-Encoding (all its fields joined) deserves.
 
     Shared by both adapters' callers, so the status does not depend on which parser noticed:
-    RFC 9112 §6.1: never with Content-Length (400) and an unknown coding is 501; §6.3 and §7:
-    `chunked` must be the final coding and applied only once (400: the framing is ambiguous).
+    RFC 9112 §6.1: never with Content-Length (400); §6.3 and §7: `chunked` must be the final
+    coding and applied only once (400: the framing is ambiguous); a coding before it that the
+    server does not implement (any: fulmen decodes none) is 501.
     """
     if has_length:
         raise ParseError(400, "Content-Length with Transfer-Encoding")
     codings = [item.strip().lower() for item in coding.split(b",")]
-    chunked = codings.count(b"chunked")
-    if chunked > 1 or (chunked and codings[-1] != b"chunked"):
+    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        # §6.3: without a final `chunked` the body length cannot be known: 400 is a MUST.
         raise ParseError(400, "Invalid Transfer-Encoding")
-    if chunked == 0 or len(codings) > 1:
+    if len(codings) > 1:
         raise ParseError(501, "Unsupported transfer coding")
 
 
