@@ -156,19 +156,14 @@ class H1Connection(asyncio.Protocol):
             check_transfer_coding(coding, length is not None)
         elif length is not None and state.limit_request_body is not None:
             _check_length(int(length), state.limit_request_body)
-        if version == "1.1":
-            keep_alive = not connection or b"close" not in _tokens(connection)
-        else:
-            keep_alive = bool(connection) and b"keep-alive" in _tokens(connection)
-        if connection and b"upgrade" in _tokens(connection):
-            keep_alive = False
+        keep_alive = _keep_alive(version, connection)
         self.deadline = 0.0
         scope = self._scope(method, target, version, headers)
         if forwarded and self.proxy is not None:
             self.proxy.apply(scope)
         cycle = RequestCycle(self, scope, keep_alive)
-        cycle.expect_100 = expect and (length not in (None, b"0") or coding is not None)
-        cycle.more_body = length not in (None, b"0") or coding is not None
+        cycle.more_body = has_body = length not in (None, b"0") or coding is not None
+        cycle.expect_100 = expect and has_body
         self.parsing = cycle if cycle.more_body else None
         if self.cycle is None and self.next is None:
             self.next = cycle  # started by data_received once the parser has returned
@@ -334,8 +329,17 @@ class H1Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _tokens(value: bytes) -> set[bytes]:
-    return {token.strip() for token in value.split(b",")}
+def _keep_alive(version: str, connection: bytes) -> bool:
+    """RFC 9112 §9.3: HTTP/1.1 persists unless `close`; HTTP/1.0 only with `keep-alive`.
+    An upgrade request is served as plain HTTP, then the connection ends."""
+    if not connection:
+        return version == "1.1"
+    tokens = {token.strip() for token in connection.split(b",")}
+    if b"upgrade" in tokens:
+        return False
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
 
 
 def _check_length(length: int, limit: int) -> None:
