@@ -60,7 +60,8 @@ class Limits:
 class Parser(Protocol):
     """What the connection needs from a parser adapter."""
 
-    upgraded: bool
+    upgraded: bool  # the request asked to switch protocols: no more HTTP is parsed
+    trailing: bytes  # once upgraded, the bytes received after the request
 
     def feed(self, data: bytes) -> None: ...
 

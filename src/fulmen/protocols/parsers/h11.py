@@ -18,7 +18,6 @@ import re
 from collections.abc import Callable
 
 import h11
-from h11._state import MIGHT_SWITCH_PROTOCOL
 
 from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks, check_transfer_coding
 
@@ -31,6 +30,10 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _MAX_LENGTH = 1 << 64  # llhttp's bound on Content-Length and chunk sizes
+_UPGRADE = re.compile(rb"\nupgrade[ \t]*:", re.IGNORECASE)
+_CONNECTION_UPGRADE = re.compile(
+    rb"\nconnection[ \t]*:(?:[^\r\n]*,)?[ \t]*upgrade[ \t]*(?:,|\r?$)", re.IGNORECASE | re.MULTILINE
+)
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _SIMPLE_REQUEST = re.compile(rb"%b /[!-~]*\r?\n" % _TOKEN)  # HTTP/0.9 (no version), as llhttp
 
@@ -112,7 +115,16 @@ class ChunkedBody:
 
 
 class H11Parser:
-    __slots__ = ("_callbacks", "_chunked", "_conn", "_head", "_limits", "_switch", "upgraded")
+    __slots__ = (
+        "_callbacks",
+        "_chunked",
+        "_conn",
+        "_head",
+        "_limits",
+        "_switch",
+        "trailing",
+        "upgraded",
+    )
 
     def __init__(self, callbacks: ParserCallbacks, limits: Limits) -> None:
         self._callbacks = callbacks
@@ -120,8 +132,9 @@ class H11Parser:
         self._conn = self._new_connection()
         self._head: bytearray | None = bytearray()
         self._chunked: ChunkedBody | None = None  # the chunked body being read, if any
-        self._switch = False  # the request asks for a protocol switch (h11's rule)
+        self._switch = False  # the request asks for a protocol switch (llhttp's rule)
         self.upgraded = False
+        self.trailing = b""
 
     def _new_connection(self) -> h11.Connection:
         # h11 only bounds heads that arrive in pieces; the complete head is checked below.
@@ -157,16 +170,12 @@ class H11Parser:
                 if any(name == b"transfer-encoding" for name, _ in event.headers):
                     # h11 let only `chunked` through, but reads its syntax loosely: take over.
                     self._chunked = ChunkedBody(self._limits.head)
-                    self._switch = event.method == b"CONNECT" or any(
-                        name == b"upgrade" for name, _ in event.headers
-                    )
                     self._feed_chunked(conn.trailing_data[0])
                     return
             elif isinstance(event, h11.EndOfMessage):
                 callbacks.on_message_complete()
-                # MUST_CLOSE (e.g. HTTP/1.0) is not an upgrade: http1.py decides keep-alive.
-                if conn.their_state is MIGHT_SWITCH_PROTOCOL:
-                    self.upgraded = True
+                if self._switch:
+                    self._upgrade(conn.trailing_data[0])
                     return
                 conn = self._next_cycle()
             else:  # NEED_DATA, PAUSED or ConnectionClosed
@@ -189,12 +198,16 @@ class H11Parser:
             return
         self._chunked = None
         self._callbacks.on_message_complete()
-        if self._switch:  # as h11 would: MIGHT_SWITCH_PROTOCOL after the request
-            self.upgraded = True
+        if self._switch:
+            self._upgrade(rest)
             return
         self._conn = self._new_connection()
         self._head = bytearray()
         self.feed(rest)
+
+    def _upgrade(self, rest: bytes) -> None:
+        self.upgraded = True
+        self.trailing = bytes(rest)
 
     def _error(self, exc: h11.RemoteProtocolError) -> ParseError:
         """The ParseError for h11's error, with the status llhttp and http1.py would give."""
@@ -233,6 +246,11 @@ class H11Parser:
             raise ParseError(400, "Duplicate Content-Length")
         if lengths and int(lengths[0]) >= _MAX_LENGTH:
             raise ParseError(400, "Content-Length too large")
+        # As llhttp: a CONNECT, or an Upgrade header with `Connection: upgrade`, ends HTTP on this
+        # connection (h11 alone would stop at any Upgrade header).
+        self._switch = event.method == b"CONNECT" or (
+            _UPGRADE.search(raw) is not None and _CONNECTION_UPGRADE.search(raw) is not None
+        )
         self._callbacks.on_request(
             event.method,
             event.target,

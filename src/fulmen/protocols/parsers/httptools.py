@@ -21,6 +21,7 @@ class HttptoolsParser:
         "_limits",
         "_parser",
         "_url",
+        "trailing",
         "upgraded",
     )
 
@@ -35,6 +36,7 @@ class HttptoolsParser:
         self._in_body = False
         self._chunk = b""  # the data being fed, to tell HTTP/1.0 from RTSP/ICE
         self.upgraded = False
+        self.trailing = b""
 
     def feed(self, data: bytes) -> None:
         self._chunk = data
@@ -45,8 +47,9 @@ class HttptoolsParser:
         except httptools.HttpParserCallbackError as exc:
             # Our callbacks raised: llhttp wraps the exception; hand on the original.
             raise exc.__context__ or exc from None
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
+            self.trailing = data[exc.args[0] :]
             return
         except httptools.HttpParserError as exc:
             reason = str(exc)
