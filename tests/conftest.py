@@ -133,6 +133,26 @@ def serve(http: str, loop: str) -> Callable[..., contextlib.AbstractContextManag
     return start
 
 
+@pytest.fixture(params=["websockets", "wsproto"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def serve_ws(
+    engine: str, http: str, loop: str
+) -> Callable[..., contextlib.AbstractContextManager[RunningServer]]:
+    """`with serve_ws(app, **options) as srv:` over every WebSocket engine, parser and loop."""
+
+    @contextlib.contextmanager
+    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
+        options.setdefault("http", http)
+        options.setdefault("ws", engine)
+        yield from _start(app, loop, options)
+
+    return start
+
+
 @pytest.fixture
 def serve_one() -> Callable[..., contextlib.AbstractContextManager[RunningServer]]:
     """Like `serve`, for tests that do not depend on the parser or loop (httptools, asyncio)."""

@@ -100,7 +100,14 @@ def test_invalid_choice_raises(field: dataclasses.Field) -> None:
 
 
 def test_choice_fields() -> None:
-    assert {f.name for f in CHOICE_FIELDS} == {"loop", "http", "lifespan", "interface", "log_level"}
+    assert {f.name for f in CHOICE_FIELDS} == {
+        "loop",
+        "http",
+        "ws",
+        "lifespan",
+        "interface",
+        "log_level",
+    }
 
 
 @pytest.mark.parametrize("port", [-1, 65536])

@@ -40,7 +40,7 @@ def _param(f: dataclasses.Field[Any]) -> click.Option:
         kwargs.update(multiple=True, type=_LINES)
     elif "/" not in flag:
         kwargs["type"] = meta["kind"] or type(default)
-    if "/" in flag or isinstance(default, bool):
+    if "/" in flag or (isinstance(default, bool) and meta["kind"] is not bool):
         kwargs.pop("type", None)
         kwargs["is_flag"] = True
     if meta["metavar"]:

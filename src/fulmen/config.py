@@ -19,6 +19,8 @@ from fulmen.types import ASGIApp
 
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 HTTP_CHOICES = ("auto", "h11", "httptools")
+# 'websockets-sansio' is uvicorn's name for the engine fulmen's 'websockets' already is.
+WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")
 LIFESPAN_CHOICES = ("auto", "on", "off")
 INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
@@ -59,6 +61,24 @@ class Config:
     fd: int | None = option(None, "Bind to socket from this file descriptor.", kind=int)
     loop: str = option("auto", "Event loop implementation.", choices=LOOP_CHOICES)
     http: str = option("auto", "HTTP/1.1 parser implementation.", choices=HTTP_CHOICES)
+    ws: str = option(
+        "auto",
+        "WebSocket engine. 'auto': websockets, else wsproto, else none (upgrades are plain HTTP).",
+        choices=WS_CHOICES,
+    )
+    ws_max_size: int = option(16777216, "Largest WebSocket message in bytes (after inflating).")
+    ws_max_queue: int = option(
+        32, "Received WebSocket messages buffered for the app before reading pauses."
+    )
+    ws_ping_interval: float | None = option(
+        20.0, "Seconds between WebSocket pings. 0 or unset: no pings.", kind=float
+    )
+    ws_ping_timeout: float | None = option(
+        20.0, "Close a WebSocket whose pong is this many seconds late.", kind=float
+    )
+    ws_per_message_deflate: bool = option(
+        True, "Offer WebSocket per-message-deflate compression (true/false).", kind=bool
+    )
     lifespan: str = option("auto", "Lifespan implementation.", choices=LIFESPAN_CHOICES)
     interface: str = option(
         "auto",
@@ -131,6 +151,8 @@ class Config:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, not {self.port}")
+        if self.ws_max_size < 1 or self.ws_max_queue < 1:
+            raise ValueError("ws_max_size and ws_max_queue must be at least 1")
         self.header_pairs()  # a malformed --header is a configuration error, not a crash later
         if self.forwarded_allow_ips is None:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")

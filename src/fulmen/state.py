@@ -6,18 +6,27 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
+from fulmen.protocols.engines import engine_factory
 from fulmen.protocols.parsers import Limits, parser_class
 from fulmen.types import ASGIApp
 
-if TYPE_CHECKING:
-    from fulmen.protocols.http1 import H1Connection
-
 access_logger = logging.getLogger("fulmen.access")
+
+
+class Connection(Protocol):
+    """What the server needs of an open connection (HTTP/1.1 or WebSocket)."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    def check_timeout(self, now: float) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 class ServerState:
@@ -45,9 +54,16 @@ class ServerState:
         self.limit_max_requests = config.limit_max_requests or 0
         self.limit_request_body = config.limit_request_body
         self.on_max_requests = on_max_requests
+        self.ws_factory = engine_factory(
+            config.ws, config.ws_max_size, config.ws_per_message_deflate
+        )
+        self.ws_max_size = config.ws_max_size
+        self.ws_max_queue = config.ws_max_queue
+        self.ws_ping_interval = config.ws_ping_interval or 0.0
+        self.ws_ping_timeout = config.ws_ping_timeout or 0.0
         self.proxy_headers = ProxyHeaders(config.trusted_hosts) if config.proxy_headers else None
         self.access_log = config.access_log and access_logger.isEnabledFor(logging.INFO)
-        self.connections: set[H1Connection] = set()
+        self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False

@@ -346,7 +346,8 @@ async def _replay(name: str, raw: bytes) -> Outcome:
     served: list[tuple[str, bytes]] = []
     app = recording_app(served)
     loop = asyncio.get_running_loop()
-    config = Config(app, http=name, access_log=False, proxy_headers=False)
+    # The vectors are about HTTP framing: their upgrade requests are not WebSocket handshakes.
+    config = Config(app, http=name, access_log=False, proxy_headers=False, ws="none")
     state = ServerState(config, app, {}, loop)
     conn = H1Connection(state)
     transport = FakeTransport(loop, conn)
@@ -509,7 +510,7 @@ def read_statuses(sock: socket.socket, count: int) -> tuple[list[int], bytes]:
 )
 def test_real_server_behaves_as_the_harness_predicts(serve, vector: Vector) -> None:
     raw = with_host(vector)
-    with serve(corpus_app) as srv:
+    with serve(corpus_app, ws="none") as srv:
         predicted = replay(srv.server.config.http, raw)
         with srv.connect() as sock:
             sock.sendall(raw)

@@ -45,6 +45,8 @@ def _content_length(value: bytes) -> int:
 
 
 class RequestCycle:
+    websocket = False  # a WebSocket handshake (`fulmen.protocols.websocket.WebSocketRequest`)
+
     __slots__ = (
         "body",
         "body_received",
@@ -257,12 +259,12 @@ class RequestCycle:
             self.conn.transport.close()
         except BaseException as exc:
             logger.error("Exception in ASGI application", exc_info=exc)
-            self._fail()
+            self.fail()
         else:
             # A client that left needs no response: returning on http.disconnect is no error.
             if (self.state is START or self.state is HEAD) and not self.disconnected:
                 logger.error("ASGI callable returned without sending a response.")
-                self._fail()
+                self.fail()
             elif self.state is not DONE and not self.disconnected:
                 logger.error("ASGI callable returned without completing the response.")
                 self.conn.transport.close()
@@ -270,7 +272,7 @@ class RequestCycle:
             if self.task is not None:
                 self.conn.state.tasks.discard(self.task)
 
-    def _fail(self) -> None:
+    def fail(self) -> None:
         """500 if nothing was sent yet, else end the connection: the response is broken."""
         if self.state is START or self.state is HEAD:
             self.keep_alive = False
@@ -278,12 +280,13 @@ class RequestCycle:
         elif self.state is BODY:
             self.conn.transport.close()
 
-    def reject(self, status: int, body: bytes) -> None:
-        """Answer with a canned response instead of the app's (503, 500)."""
+    def reject(self, status: int, body: bytes, headers: bytes = b"") -> None:
+        """Answer with a canned response instead of the app's (503, 500), plus header lines."""
         conn = self.conn
         if not self.disconnected:
             close = not self.keep_alive or status == 500
-            response = wire.simple_response(status, body, conn.state.default_headers, close)
+            defaults = conn.state.default_headers + headers
+            response = wire.simple_response(status, body, defaults, close)
             self.keep_alive = not close
             conn.transport.write(response)
         self.status = status
@@ -293,16 +296,22 @@ class RequestCycle:
 
     def log_access(self) -> None:
         scope = self.scope
-        path = scope["path"]
-        if scope["query_string"]:
-            path = f"{path}?{scope['query_string'].decode('latin-1')}"
-        client = scope["client"]
+        client, target = access_fields(scope)
         access_logger.info(
             '%s - "%s %s HTTP/%s" %d',
-            f"{client[0]}:{client[1]}" if client else "-",
+            client,
             wire.escape(scope["method"]),
-            wire.escape(path),
+            target,
             scope["http_version"],
             self.status,
             extra={"status_code": self.status},
         )
+
+
+def access_fields(scope: dict[str, Any]) -> tuple[str, str]:
+    """The client address and the escaped target (path and query) of an access log line."""
+    path = scope["path"]
+    if scope["query_string"]:
+        path = f"{path}?{scope['query_string'].decode('latin-1')}"
+    client = scope["client"]
+    return (f"{client[0]}:{client[1]}" if client else "-"), wire.escape(path)

@@ -17,6 +17,7 @@ from fulmen.protocols.cycle import RequestCycle
 from fulmen.protocols.eager import create_task, start_eagerly
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
+from fulmen.protocols.websocket import WebSocketCycle, WebSocketRequest
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -29,6 +30,7 @@ _SPECIAL = frozenset(
         b"content-length",
         b"transfer-encoding",
         b"expect",
+        b"upgrade",
         b"x-forwarded-for",
         b"x-forwarded-proto",
     )
@@ -64,6 +66,7 @@ class H1Connection(asyncio.Protocol):
         "server",
         "state",
         "transport",
+        "ws",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -74,6 +77,7 @@ class H1Connection(asyncio.Protocol):
         self.pipeline: deque[RequestCycle] | None = None  # requests queued behind `next`
         self.idle = True
         self.driving = False
+        self.ws: WebSocketCycle | None = None  # a WebSocket handshake the app has not answered
 
     # asyncio.Protocol
 
@@ -102,9 +106,15 @@ class H1Connection(asyncio.Protocol):
             self.reject(exc.status, exc.reason)
         if self.next is not None and self.cycle is None:
             self._drive()
-        if self.parser.upgraded:
+        if self.parser.upgraded and not self._awaiting_handshake():
             # No upgrade handler: the request is served as plain HTTP, then the connection ends.
             self.flow.pause_reading()
+
+    def _awaiting_handshake(self) -> bool:
+        """A WebSocket handshake is being answered: keep reading (to notice the client leave),
+        the parser keeps what arrives for the WebSocket, up to a bound."""
+        cycle = self.cycle
+        return cycle is not None and cycle.websocket and len(self.parser.trailing) <= HIGH_WATER
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
@@ -112,6 +122,8 @@ class H1Connection(asyncio.Protocol):
         for cycle in (self.cycle, self.parsing, self.next, *(self.pipeline or ())):
             if cycle is not None:
                 cycle.on_disconnect()
+        if self.ws is not None:
+            self.ws.on_disconnect()
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -129,6 +141,7 @@ class H1Connection(asyncio.Protocol):
         host = b""
         connection = b""
         expect = forwarded = False
+        upgrade = b""
         length: bytes | None = None
         coding: bytes | None = None
         for name, value in headers:
@@ -144,6 +157,8 @@ class H1Connection(asyncio.Protocol):
                     coding = value if coding is None else coding + b"," + value
                 elif name == b"expect":
                     expect = value.lower() == b"100-continue"
+                elif name == b"upgrade":
+                    upgrade += b"," + value.lower()
                 else:
                     forwarded = True
         if version not in _VERSIONS:
@@ -161,7 +176,10 @@ class H1Connection(asyncio.Protocol):
         scope = self._scope(method, target, version, headers)
         if forwarded and self.proxy is not None:
             self.proxy.apply(scope)
-        cycle = RequestCycle(self, scope, keep_alive)
+        if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
+            cycle: RequestCycle = WebSocketRequest(self, scope, False)
+        else:
+            cycle = RequestCycle(self, scope, keep_alive)
         cycle.more_body = has_body = length not in (None, b"0") or coding is not None
         cycle.expect_100 = expect and has_body
         self.parsing = cycle if cycle.more_body else None
@@ -255,12 +273,17 @@ class H1Connection(asyncio.Protocol):
         if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
             cycle.reject(503, b"Service Unavailable")
             return
+        if cycle.websocket:
+            self.ws = WebSocketCycle(self, cast(WebSocketRequest, cycle))
+            coro = self.ws.run(state.app)
+        else:
+            coro = cycle.run(state.app)
         if eager:
-            task = start_eagerly(state.loop, cycle.run(state.app), state.context)
+            task = start_eagerly(state.loop, coro, state.context)
             if task is None:
                 return
         else:
-            task = create_task(state.loop, cycle.run(state.app), state.context)
+            task = create_task(state.loop, coro, state.context)
         cycle.task = task
         state.tasks.add(task)
 
@@ -340,6 +363,12 @@ def _keep_alive(version: str, connection: bytes) -> bool:
     if version == "1.1":
         return b"close" not in tokens
     return b"keep-alive" in tokens
+
+
+def _websocket_upgrade(upgrade: bytes, connection: bytes) -> bool:
+    """RFC 6455 §4.2.1: `Upgrade: websocket` with `Connection: upgrade` (tokens, any case)."""
+    tokens = {token.strip() for token in connection.split(b",")}
+    return b"upgrade" in tokens and b"websocket" in {t.strip() for t in upgrade.split(b",")}
 
 
 def _check_length(length: int, limit: int) -> None:

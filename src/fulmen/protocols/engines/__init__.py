@@ -1,0 +1,79 @@
+"""Thin WebSocket framing adapters: bytes in, events out; messages in, bytes out.
+
+The handshake, message assembly, size limit, UTF-8 check of text, queueing, pings, closing and
+the ASGI side are fulmen's own, in `fulmen.protocols.websocket`, whichever engine frames the
+bytes. An engine only parses and serialises frames, negotiates permessage-deflate (RFC 7692)
+and answers pings and close frames as RFC 6455 §5.5 requires.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Protocol
+
+# Events, as tuples:
+#   (DATA, payload, text, fin): part of a message; `text` is True/False on its first part and
+#       None on later ones; payload is bytes, or str for text an engine decodes itself.
+#   (PONG, payload)
+#   (CLOSE, code, reason): the peer closed (the engine has queued the echo), or the engine
+#       failed the connection with `code` (it has queued that close frame) and reads no more.
+DATA, PONG, CLOSE = range(3)
+Event = tuple[Any, ...]
+
+NO_STATUS = 1005  # RFC 6455 §7.1.5: a close frame without a code
+ABNORMAL = 1006  # RFC 6455 §7.1.5: the connection ended without a close frame
+
+
+class Engine(Protocol):
+    """One WebSocket connection's framing, after the opening handshake."""
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Parse `data`; what must be written in reply is then in `output()`."""
+        ...
+
+    def output(self) -> bytes:
+        """Bytes queued by `receive` (pongs, the close echo, a failure's close frame)."""
+        ...
+
+    def message(self, data: bytes | str) -> bytes:
+        """One whole message as frames: text for str, binary for bytes."""
+        ...
+
+    def close(self, code: int, reason: str) -> bytes: ...
+
+    def ping(self, payload: bytes) -> bytes: ...
+
+
+class EngineFactory(Protocol):
+    """Creates engines for one server's settings."""
+
+    def __call__(self, offer: bytes | None) -> tuple[Engine, bytes | None]:
+        """An engine for a handshake whose Sec-WebSocket-Extensions was `offer`, and the
+        Sec-WebSocket-Extensions value to answer (None: no extension)."""
+        ...
+
+
+def engine_name(name: str) -> str:
+    """Resolve `--ws`: 'auto' is websockets if installed, else wsproto, else none."""
+    if name == "websockets-sansio":
+        return "websockets"
+    if name == "auto":
+        for candidate in ("websockets", "wsproto"):
+            if importlib.util.find_spec(candidate):
+                return candidate
+        return "none"
+    return name
+
+
+def engine_factory(name: str, max_size: int, deflate: bool) -> EngineFactory | None:
+    """The factory for `--ws` (None for 'none')."""
+    name = engine_name(name)
+    if name == "websockets":
+        from fulmen.protocols.engines.websockets import WebsocketsFactory
+
+        return WebsocketsFactory(max_size, deflate)
+    if name == "wsproto":
+        from fulmen.protocols.engines.wsproto import WsprotoFactory
+
+        return WsprotoFactory(max_size, deflate)
+    return None
