@@ -1,0 +1,165 @@
+"""A real browser (headless Chromium) talks WebSocket to fulmen, over both engines.
+
+The page at `/` opens `ws://<host>/ws`, sends non-ASCII text, and reports the echo (or an
+unclean close) back with `fetch("/result?...")`; the test waits for that report, then stops the
+browser. Skipped when Chromium is not installed (`.ci/run` installs it where apt-get is
+available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+from tests.conftest import TIMEOUT
+
+TEXT = "héllo wörld ✓ 日本語 🚀"
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>fulmen</title></head><body><script>
+const sent = %s;  // JSON: ASCII escapes, so the page encoding cannot alter it
+const report = (key, value) => fetch("/result?" + key + "=" + encodeURIComponent(value));
+const ws = new WebSocket("ws://" + location.host + "/ws");
+ws.onopen = () => ws.send(sent);
+ws.onmessage = (event) => { ws.close(1000); report("echo", event.data); };
+ws.onclose = (event) => { if (!event.wasClean) report("error", "closed " + event.code); };
+</script></body></html>
+"""
+
+
+def _chromium() -> str | None:
+    if os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+CHROMIUM = _chromium()
+
+# As root Chromium needs --no-sandbox; the network here is closed, so nothing may reach out.
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+class Recorder:
+    """What the server saw, written from the server's thread and read by the test."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.first_message = ""
+        self.connect_headers: dict[str, str] = {}
+        self.received: list[str] = []
+        self.result: dict[str, str] = {}
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+            return
+        if scope["path"] == "/result":
+            query = parse_qs(scope["query_string"].decode("ascii"))
+            with self.lock:
+                self.result = {key: values[0] for key, values in query.items()}
+            self.done.set()
+            body, content_type = b"ok", b"text/plain"
+        else:
+            body, content_type = (PAGE % json.dumps(TEXT)).encode(), b"text/html; charset=utf-8"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type)],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        with self.lock:
+            self.first_message = message["type"]
+            self.connect_headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            with self.lock:
+                self.received.append(message["text"])
+            await send({"type": "websocket.send", "text": message["text"]})
+
+
+@contextlib.contextmanager
+def _browser_profile() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="fulmen-chromium-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _browser(url: str) -> Iterator[Callable[[], str]]:
+    """Headless Chromium showing `url` until the block ends, in a fresh profile.
+
+    Yields a function returning what Chromium wrote to stderr so far (for failure messages).
+    """
+    assert CHROMIUM is not None
+    with _browser_profile() as profile, tempfile.TemporaryFile() as log:
+        # Its own session, so stopping it stops the renderer and helper processes too.
+        proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", url],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")
+
+        try:
+            yield output
+        finally:
+            # The leader is not reaped before this, so its process group id is still ours.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=TIMEOUT)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("engine", ["websockets", "wsproto"])
+def test_browser_websocket_echo(serve_one: Any, engine: str) -> None:
+    """Chromium's WebSocket echoes non-ASCII text through fulmen (with its deflate offer)."""
+    recorder = Recorder()
+    with serve_one(recorder.app, ws=engine) as srv, _browser(srv.url + "/") as output:
+        assert recorder.done.wait(TIMEOUT), f"no result from the browser:\n{output()}"
+    with recorder.lock:
+        assert recorder.result == {"echo": TEXT}
+        assert recorder.received == [TEXT]
+        assert recorder.first_message == "websocket.connect"
+        headers = recorder.connect_headers
+    assert headers["origin"] == srv.url
+    assert "permessage-deflate" in headers["sec-websocket-extensions"]
