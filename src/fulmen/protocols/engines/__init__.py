@@ -9,6 +9,7 @@ and answers pings and close frames as RFC 6455 §5.5 requires.
 from __future__ import annotations
 
 import importlib.util
+import struct
 from typing import Any, Protocol
 
 # Events, as tuples:
@@ -22,6 +23,23 @@ Event = tuple[Any, ...]
 
 NO_STATUS = 1005  # RFC 6455 §7.1.5: a close frame without a code
 ABNORMAL = 1006  # RFC 6455 §7.1.5: the connection ended without a close frame
+
+
+def plain_frame(data: bytes | str) -> bytes:
+    """One unfragmented, unmasked, uncompressed data frame (RFC 6455 §5.2), as a server sends
+    a message when no extension was agreed. Engines use it instead of their general frame
+    writer: for this case their only work is this header, and it is the common case."""
+    if isinstance(data, str):
+        data = data.encode()
+        first = 0x81  # FIN + text
+    else:
+        first = 0x82  # FIN + binary
+    size = len(data)
+    if size < 126:
+        return bytes((first, size)) + data
+    if size < 65536:
+        return struct.pack("!BBH", first, 126, size) + data
+    return struct.pack("!BBQ", first, 127, size) + data
 
 
 class Engine(Protocol):

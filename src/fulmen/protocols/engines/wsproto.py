@@ -21,7 +21,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 
-from fulmen.protocols.engines import CLOSE, DATA, NO_STATUS, PONG, Event
+from fulmen.protocols.engines import CLOSE, DATA, NO_STATUS, PONG, Event, plain_frame
 
 
 class BoundedDeflate(PerMessageDeflate):
@@ -61,10 +61,11 @@ class BoundedDeflate(PerMessageDeflate):
 
 
 class WsprotoEngine:
-    __slots__ = ("_conn", "_in_message", "_output")
+    __slots__ = ("_conn", "_in_message", "_output", "_plain")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, plain: bool) -> None:
         self._conn = conn
+        self._plain = plain  # no extension agreed: messages are written as plain frames
         self._in_message = False
         self._output: list[bytes] = []
 
@@ -106,6 +107,8 @@ class WsprotoEngine:
         return data
 
     def message(self, data: bytes | str) -> bytes:
+        if self._plain:
+            return plain_frame(data)
         if isinstance(data, str):
             return self._conn.send(TextMessage(data))
         return self._conn.send(BytesMessage(data))
@@ -129,7 +132,7 @@ class WsprotoFactory:
         if offer and self._deflate:
             extension, answer = self._negotiate(offer.decode("latin-1"))
         conn = Connection(ConnectionType.SERVER, [extension] if extension else None)
-        return WsprotoEngine(conn), answer
+        return WsprotoEngine(conn, extension is None), answer
 
     def _negotiate(self, offer: str) -> tuple[BoundedDeflate | None, bytes | None]:
         """RFC 7692 §5: accept the first permessage-deflate offer we can."""
