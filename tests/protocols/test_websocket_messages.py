@@ -533,6 +533,35 @@ def test_frames_sent_with_the_upgrade_request_are_kept(serve_ws: Any, slow_accep
     ]
 
 
+def test_frames_read_before_the_accept_are_kept(serve_ws: Any) -> None:
+    """Frames that arrive in a later read, while the app has not yet accepted, are kept for the
+    WebSocket (not parsed as HTTP, not dropped)."""
+    app = EchoApp()
+    gate = asyncio.Event()
+
+    async def accept_when_told(scope: Any, receive: Any, send: Any) -> None:
+        await gate.wait()
+        await app(scope, receive, send)
+
+    def kept(srv: RunningServer) -> int:
+        (conn,) = in_loop(srv, lambda: list(srv.server.state.connections))
+        return len(conn.parser.trailing)
+
+    after = frame(Opcode.TEXT, b"early") + frame(Opcode.BINARY, b"bird")
+    with serve_ws(accept_when_told) as srv, srv.connect() as sock:
+        sock.sendall(UPGRADE.format(path="/").encode())
+        poll_until(lambda: in_loop(srv, lambda: bool(srv.server.state.tasks)), "no handshake")
+        sock.sendall(after[:5])
+        poll_until(lambda: kept(srv) == 5, "the first bytes were not kept")
+        sock.sendall(after[5:])
+        poll_until(lambda: kept(srv) == len(after), "the other bytes were not kept")
+        open_gate(srv, gate)
+        reader = FrameReader(sock)
+        reader.handshake()
+        assert reader.frame() == (Opcode.TEXT, b"early")
+        assert reader.frame() == (Opcode.BINARY, b"bird")
+
+
 # 11. Graceful shutdown
 
 

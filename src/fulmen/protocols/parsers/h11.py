@@ -15,11 +15,11 @@ tests/protocols/test_llhttp_corpus.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import h11
 
 from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks, check_transfer_coding
+from fulmen.protocols.parsers.bodies import MAX_LENGTH, TOKEN, ChunkedBody
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _OBS_FOLD = re.compile(rb"\n[ \t]")  # RFC 9112 §5.2: reject obs-fold in requests
@@ -29,89 +29,11 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2: bare LF is not a line en
 _CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
-_MAX_LENGTH = 1 << 64  # llhttp's bound on Content-Length and chunk sizes
 _UPGRADE = re.compile(rb"\nupgrade[ \t]*:", re.IGNORECASE)
 _CONNECTION_UPGRADE = re.compile(
     rb"\nconnection[ \t]*:(?:[^\r\n]*,)?[ \t]*upgrade[ \t]*(?:,|\r?$)", re.IGNORECASE | re.MULTILINE
 )
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_SIMPLE_REQUEST = re.compile(rb"%b /[!-~]*\r?\n" % _TOKEN)  # HTTP/0.9 (no version), as llhttp
-
-# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( ";" name [ "=" value ] ), without
-# the optional whitespace, as llhttp (strict) reads it; a trailer field is a field line (§7.1.2).
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:;%b(?:=(?:%b|%b)?)?)*" % (_TOKEN, _TOKEN, _QUOTED))
-_VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_FIELD_LINE = re.compile(rb"%b:[ \t]*(?:%b+(?:[ \t]+%b+)*)?[ \t]*" % (_TOKEN, _VCHAR, _VCHAR))
-SIZE, DATA, DATA_END, TRAILERS = range(4)
-
-
-class ChunkedBody:
-    """Reads one chunked body (RFC 9112 §7.1) strictly, returning what follows it."""
-
-    __slots__ = ("_buffer", "_limit", "_remaining", "_state", "_trailer_size")
-
-    def __init__(self, limit: int) -> None:
-        self._buffer = b""
-        self._limit = limit  # bound on a chunk header line and on the trailer section
-        self._remaining = 0  # data bytes left in the current chunk
-        self._state = SIZE
-        self._trailer_size = 0
-
-    def feed(self, data: bytes, on_body: Callable[[bytes], None]) -> bytes | None:
-        """Hand chunk data to `on_body`; at the end of the body return the bytes after it."""
-        buffer = self._buffer + data if self._buffer else data
-        pos = 0
-        while True:
-            state = self._state
-            if state is DATA:
-                size = min(self._remaining, len(buffer) - pos)
-                if size:
-                    on_body(buffer[pos : pos + size])
-                    pos += size
-                    self._remaining -= size
-                if self._remaining:
-                    break
-                self._state = DATA_END
-            elif state is DATA_END:
-                if len(buffer) - pos < 2:
-                    break
-                if buffer[pos : pos + 2] != b"\r\n":
-                    raise ParseError(400, "Chunk data not followed by CRLF")
-                pos += 2
-                self._state = SIZE
-            else:
-                end = buffer.find(b"\r\n", pos)
-                if end < 0:
-                    # Without a CRLF, an LF here is a bare one: reject now rather than wait.
-                    if b"\n" in buffer[pos:] or len(buffer) - pos > self._limit:
-                        raise ParseError(400, "Invalid chunk header or trailer line")
-                    break
-                line = buffer[pos:end]
-                pos = end + 2
-                if state is SIZE:
-                    self._chunk_header(line)
-                elif line:
-                    self._trailer_size += len(line) + 2
-                    if self._trailer_size > self._limit:
-                        raise ParseError(431, "Trailer section too large")
-                    if _FIELD_LINE.fullmatch(line) is None:
-                        raise ParseError(400, "Invalid trailer field")
-                else:
-                    self._buffer = b""
-                    return buffer[pos:]
-        self._buffer = buffer[pos:]
-        return None
-
-    def _chunk_header(self, line: bytes) -> None:
-        match = _CHUNK_LINE.fullmatch(line)
-        if match is None or len(line) > self._limit:
-            raise ParseError(400, "Invalid chunk header")
-        size = int(match[1], 16)
-        if size >= _MAX_LENGTH:
-            raise ParseError(400, "Chunk size too large")
-        self._remaining = size
-        self._state = DATA if size else TRAILERS
+_SIMPLE_REQUEST = re.compile(rb"%b /[!-~]*\r?\n" % TOKEN)  # HTTP/0.9 (no version), as llhttp
 
 
 class H11Parser:
@@ -141,6 +63,9 @@ class H11Parser:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)
 
     def feed(self, data: bytes) -> None:
+        if self.upgraded:  # HTTP has ended here: keep the bytes for the next protocol
+            self.trailing += data
+            return
         if self._chunked is not None:
             self._feed_chunked(data)
             return
@@ -244,7 +169,7 @@ class H11Parser:
         lengths = _CONTENT_LENGTH.findall(raw)
         if len(lengths) > 1 or (lengths and b"," in lengths[0]):
             raise ParseError(400, "Duplicate Content-Length")
-        if lengths and int(lengths[0]) >= _MAX_LENGTH:
+        if lengths and int(lengths[0]) >= MAX_LENGTH:
             raise ParseError(400, "Content-Length too large")
         # As llhttp: a CONNECT, or an Upgrade header with `Connection: upgrade`, ends HTTP on this
         # connection (h11 alone would stop at any Upgrade header).

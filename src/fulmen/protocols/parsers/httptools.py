@@ -5,6 +5,7 @@ from __future__ import annotations
 import httptools
 
 from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks
+from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 
 # llhttp's messages for errors that mean something more precise than 400.
 _ERROR_STATUS = {"Invalid HTTP version": 505}
@@ -20,6 +21,8 @@ class HttptoolsParser:
         "_in_body",
         "_limits",
         "_parser",
+        "_request_headers",
+        "_upgrade_body",
         "_url",
         "trailing",
         "upgraded",
@@ -35,10 +38,18 @@ class HttptoolsParser:
         self._head_bytes = 0  # bytes received since the last complete head
         self._in_body = False
         self._chunk = b""  # the data being fed, to tell HTTP/1.0 from RTSP/ICE
+        self._request_headers = self._headers  # the last request's
+        self._upgrade_body: ChunkedBody | LengthBody | None = None
         self.upgraded = False
         self.trailing = b""
 
     def feed(self, data: bytes) -> None:
+        if self._upgrade_body is not None:
+            self._read_upgrade_body(data)
+            return
+        if self.upgraded:  # HTTP has ended here: keep the bytes for the next protocol
+            self.trailing += data
+            return
         self._chunk = data
         if not self._in_body:
             self._head_bytes += len(data)
@@ -48,8 +59,12 @@ class HttptoolsParser:
             # Our callbacks raised: llhttp wraps the exception; hand on the original.
             raise exc.__context__ or exc from None
         except httptools.HttpParserUpgrade as exc:
-            self.upgraded = True
-            self.trailing = data[exc.args[0] :]
+            rest = data[exc.args[0] :]
+            if self._upgrade_body is not None:
+                self._read_upgrade_body(rest)
+            else:
+                self.upgraded = True
+                self.trailing = rest
             return
         except httptools.HttpParserError as exc:
             reason = str(exc)
@@ -77,6 +92,7 @@ class HttptoolsParser:
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
         self._url = b""
+        self._request_headers = headers
         self._headers = []
         self._head_size = self._head_bytes = 0
         self._in_body = True
@@ -96,4 +112,30 @@ class HttptoolsParser:
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        if self._parser.should_upgrade():
+            body = self._skipped_body()
+            if body is not None:
+                self._upgrade_body = body  # the message completes once it is read
+                return
         self._callbacks.on_message_complete()
+
+    def _skipped_body(self) -> ChunkedBody | LengthBody | None:
+        """llhttp passes the body of an upgrade request on as upgraded bytes, unread (h11 reads
+        it): a reader for it, so that both parsers deliver it. http1.py has already checked the
+        framing headers."""
+        for name, value in self._request_headers:
+            if name == b"transfer-encoding":
+                return ChunkedBody(self._limits.head)
+            if name == b"content-length" and int(value) > 0:
+                return LengthBody(int(value))
+        return None
+
+    def _read_upgrade_body(self, data: bytes) -> None:
+        assert self._upgrade_body is not None
+        rest = self._upgrade_body.feed(data, self._callbacks.on_body)
+        if rest is None:
+            return
+        self._upgrade_body = None
+        self._callbacks.on_message_complete()
+        self.upgraded = True
+        self.trailing = rest
