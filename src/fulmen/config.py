@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fulmen.protocols.engines import engine_name
 from fulmen.types import ASGIApp
 
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
@@ -151,6 +152,7 @@ class Config:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, not {self.port}")
+        engine_name(self.ws)  # an engine asked for by name must be installed
         if self.ws_max_size < 1 or self.ws_max_queue < 1:
             raise ValueError("ws_max_size and ws_max_queue must be at least 1")
         self.header_pairs()  # a malformed --header is a configuration error, not a crash later

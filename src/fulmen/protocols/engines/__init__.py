@@ -8,6 +8,7 @@ and answers pings and close frames as RFC 6455 §5.5 requires.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import struct
 from typing import Any, Protocol
@@ -71,15 +72,31 @@ class EngineFactory(Protocol):
         ...
 
 
+WEBSOCKETS_MIN = 16  # the frame layer's attributes the adapter reads have these names since 16
+
+
+def _usable(library: str) -> bool:
+    if importlib.util.find_spec(library) is None:
+        return False
+    if library == "websockets":
+        major = importlib.metadata.version("websockets").split(".")[0]
+        return major.isdigit() and int(major) >= WEBSOCKETS_MIN
+    return True
+
+
 def engine_name(name: str) -> str:
-    """Resolve `--ws`: 'auto' is websockets if installed, else wsproto, else none."""
+    """Resolve `--ws`: 'auto' is websockets if installed (16 or newer), else wsproto, else none.
+    An engine asked for by name must be installed: ValueError otherwise."""
     if name == "websockets-sansio":
-        return "websockets"
+        name = "websockets"
     if name == "auto":
         for candidate in ("websockets", "wsproto"):
-            if importlib.util.find_spec(candidate):
+            if _usable(candidate):
                 return candidate
         return "none"
+    if name != "none" and not _usable(name):
+        version = ">=16 " if name == "websockets" else ""
+        raise ValueError(f"--ws {name} needs the {name} library {version}installed")
     return name
 
 
