@@ -558,3 +558,56 @@ def test_wsgi_one_block_response_gets_content_length(serve_one) -> None:
         assert response.text == "one block"
         assert response.headers["content-length"] == "9"
         assert "transfer-encoding" not in response.headers
+
+
+# WebSockets through the interfaces
+
+
+def test_wsgi_app_gets_upgrade_requests_as_plain_http(serve_one) -> None:
+    """WSGI has no WebSockets: a handshake is an ordinary request, then the connection closes."""
+    seen = []
+
+    def app(environ, start_response):
+        seen.append((environ["HTTP_UPGRADE"], environ["wsgi.url_scheme"]))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"no websockets here"]
+
+    handshake = (
+        b"GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with serve_one(app, interface="wsgi") as srv, srv.connect() as sock:
+        assert srv.server.state.ws_factory is None
+        sock.sendall(handshake)
+        response = recv_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"\r\n\r\nno websockets here")
+    assert seen == [("websocket", "http")]
+
+
+class ASGI2Echo:
+    """An ASGI2 WebSocket app: the scope first, then receive/send."""
+
+    def __init__(self, scope):
+        assert scope["type"] == "websocket"
+
+    async def __call__(self, receive, send):
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        await send({"type": "websocket.send", "text": message["text"].upper()})
+        await send({"type": "websocket.close"})
+
+
+def test_asgi2_app_serves_websockets(serve_one) -> None:
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.sync.client import connect
+
+    with serve_one(ASGI2Echo) as srv:
+        url = f"ws://{srv.host}:{srv.port}/"
+        with connect(url, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+            ws.send("shout")
+            assert ws.recv(timeout=TIMEOUT) == "SHOUT"
+            with pytest.raises(ConnectionClosedOK):
+                ws.recv(timeout=TIMEOUT)
+            assert ws.close_code == 1000

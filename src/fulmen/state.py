@@ -54,9 +54,9 @@ class ServerState:
         self.limit_max_requests = config.limit_max_requests or 0
         self.limit_request_body = config.limit_request_body
         self.on_max_requests = on_max_requests
-        self.ws_factory = engine_factory(
-            config.ws, config.ws_max_size, config.ws_per_message_deflate
-        )
+        # WSGI has no WebSockets: its upgrade requests are plain HTTP requests (as uvicorn).
+        ws = "none" if config.interface == "wsgi" else config.ws
+        self.ws_factory = engine_factory(ws, config.ws_max_size, config.ws_per_message_deflate)
         self.ws_max_size = config.ws_max_size
         self.ws_max_queue = config.ws_max_queue
         self.ws_ping_interval = config.ws_ping_interval or 0.0
