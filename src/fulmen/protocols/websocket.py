@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import logging
 import os
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from fulmen.protocols import wire
@@ -117,15 +116,15 @@ class WebSocketCycle(asyncio.Protocol):
     )
 
     def __init__(self, conn: H1Connection, request: WebSocketRequest) -> None:
-        self.conn = conn
+        self.conn: H1Connection | None = conn  # until accepted: then the HTTP side is dropped
         self.server = conn.state
-        self.request = request
+        self.request: WebSocketRequest | None = request
         self.transport = conn.transport
         self.flow = conn.flow
         self.state = CONNECTING
         self.connect_sent = False
         self.closed: Message | None = None  # the websocket.disconnect message, once closed
-        self.queue: deque[Message] = deque()
+        self.queue: list[Message] = []  # at most ws_max_queue long, and often empty
         self.waiter: asyncio.Future[None] | None = None
         self.engine: Engine | None = None
         self.parts: list[Any] = []  # the fragments of the message being received
@@ -172,9 +171,14 @@ class WebSocketCycle(asyncio.Protocol):
             "extensions": {"websocket.http.response": {}},
         }
 
+    def _http(self) -> WebSocketRequest:
+        """The handshake request, which answers in HTTP until the app accepts."""
+        assert self.request is not None
+        return self.request
+
     def _refusal(self) -> tuple[int, bytes, bytes] | None:
         """(status, body, header lines) for a handshake RFC 6455 §4.2.1 does not allow."""
-        request = self.request
+        request = self._http()
         if request.scope["method"] != "GET" or request.scope["http_version"] != "1.1":
             return 400, b"WebSocket handshake must be an HTTP/1.1 GET", b""
         if _declares_body(request.scope["headers"]):
@@ -192,7 +196,7 @@ class WebSocketCycle(asyncio.Protocol):
             refusal = self._refusal()
             if refusal is not None:
                 self.state = CLOSED
-                self.request.reject(*refusal)
+                self._http().reject(*refusal)
                 return
             await app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
@@ -203,13 +207,14 @@ class WebSocketCycle(asyncio.Protocol):
             logger.error("Exception in ASGI application", exc_info=exc)
             self._fail()
         else:
-            if self.state is CONNECTING or self.state is RESPONSE:
+            # A client that left before the handshake was answered needs no answer (as for HTTP).
+            if (self.state is CONNECTING or self.state is RESPONSE) and self.closed is None:
                 logger.error("ASGI callable returned without completing the WebSocket handshake.")
                 self._fail()
             elif self.state is OPEN:
                 self._close(1000, "")
         finally:
-            task = self.request.task
+            task = asyncio.current_task()  # None when the app finished in its eager first step
             if task is not None:
                 self.server.tasks.discard(task)
 
@@ -217,7 +222,7 @@ class WebSocketCycle(asyncio.Protocol):
         """The app failed: 500 before the handshake, close code 1011 after it (RFC 6455 §7.4.1)."""
         if self.state is CONNECTING or self.state is RESPONSE:
             self.state = CLOSED
-            self.request.fail()
+            self._http().fail()
         elif self.state is OPEN:
             self._close(1011, "")
 
@@ -233,7 +238,7 @@ class WebSocketCycle(asyncio.Protocol):
                 return self.closed
             waiter = self.waiter = self.server.loop.create_future()
             await waiter
-        message = queue.popleft()
+        message = queue.pop(0)
         if self.flow.read_paused and len(queue) <= self.server.ws_max_queue // 2:
             self.flow.resume_reading()
         return message
@@ -275,11 +280,11 @@ class WebSocketCycle(asyncio.Protocol):
             self._accept(message)
         elif kind == "websocket.close":
             self.state = CLOSED
-            self.request.reject(403, b"Forbidden")  # ASGI: a close before accept is a 403
+            self._http().reject(403, b"Forbidden")  # ASGI: a close before accept is a 403
         elif kind == "websocket.http.response.start":
             self.state = RESPONSE
             start = {"type": "http.response.start", "status": message["status"]}
-            await self.request.send({**start, "headers": message.get("headers", ())})
+            await self._http().send({**start, "headers": message.get("headers", ())})
         else:
             raise RuntimeError(
                 "Expected 'websocket.accept', 'websocket.close' or "
@@ -292,7 +297,7 @@ class WebSocketCycle(asyncio.Protocol):
             raise RuntimeError(f"Expected 'websocket.http.response.body', got {kind!r}")
         more_body = message.get("more_body", False)
         body = {"type": "http.response.body", "body": message.get("body", b"")}
-        await self.request.send({**body, "more_body": more_body})
+        await self._http().send({**body, "more_body": more_body})
         if not more_body:
             self.state = CLOSED
 
@@ -324,6 +329,7 @@ class WebSocketCycle(asyncio.Protocol):
     def _take_over(self) -> None:
         """Become the socket's protocol, then handle what arrived after the request."""
         conn = self.conn
+        assert conn is not None
         server = self.server
         conn.ws = None
         server.connections.discard(conn)
@@ -332,7 +338,9 @@ class WebSocketCycle(asyncio.Protocol):
         if server.ws_ping_interval:
             self.ping_due = server.clock + server.ws_ping_interval
         pending = conn.parser.trailing
-        conn.parser.trailing = b""
+        # The HTTP connection, its parser and the request are done with: an open WebSocket
+        # should not keep them alive (memory per idle WebSocket).
+        self.conn = self.request = None
         if self.transport.is_closing():
             self.connection_lost(None)  # the client left before the handshake was answered
             return
@@ -410,7 +418,8 @@ class WebSocketCycle(asyncio.Protocol):
         assert self.engine is not None
         if self.state is OPEN:
             self.transport.write(self.engine.close(code, reason))
-        self._set_closed(code, reason)
+        if self.closed is None:  # while closing, the app keeps the code it closed with
+            self._set_closed(code, reason)
         self.state = CLOSED
 
     def _close(self, code: int, reason: str) -> None:
