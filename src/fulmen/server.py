@@ -21,7 +21,7 @@ from fulmen.logging import configure_logging
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
 from fulmen.protocols.http1 import H1Connection
-from fulmen.sockets import bind_socket, describe
+from fulmen.sockets import bind_sockets, describe
 from fulmen.state import ServerState
 from fulmen.types import ASGIApp
 
@@ -129,7 +129,7 @@ class Server:
         assert self.state is not None and self._loop is not None
         factory = functools.partial(H1Connection, self.state)
         owned = sockets is None
-        for sock in sockets or [bind_socket(self.config)]:
+        for sock in sockets or bind_sockets(self.config):
             if sock.family == socket.AF_UNIX:
                 server = await self._loop.create_unix_server(factory, sock=sock)
             else:

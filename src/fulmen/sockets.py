@@ -9,6 +9,12 @@ import stat
 from fulmen.config import Config
 
 
+def bind_sockets(config: Config) -> list[socket.socket]:
+    """Every listening socket `config` asks for, bound and listening (the supervisor of worker
+    processes binds them once and hands them to each worker)."""
+    return [bind_socket(config)]
+
+
 def bind_socket(config: Config) -> socket.socket:
     """Create, bind and listen on the socket `config` names (fd, then uds, then host:port)."""
     if config.fd is not None:
