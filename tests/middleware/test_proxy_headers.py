@@ -112,7 +112,9 @@ def test_trusted_hosts_membership() -> None:
     assert "10.200.3.4" in trusted
     assert "2001:db8::42" in trusted
     assert "proxy.internal" in trusted  # a literal, e.g. a hostname
-    for host in ("127.0.0.2", "11.0.0.1", "2001:db9::1", "not-an-ip", None, 42):
+    # IPv4 peers of a dual-stack socket (`--host ::`) arrive as IPv4-mapped IPv6 addresses.
+    assert "::ffff:127.0.0.1" in trusted and "::ffff:10.1.2.3" in trusted
+    for host in ("127.0.0.2", "11.0.0.1", "2001:db9::1", "::ffff:127.0.0.2", "not-an-ip", None):
         assert host not in trusted
     everyone = TrustedHosts(["*"])
     assert "198.51.100.1" in everyone and "anything" in everyone
@@ -121,7 +123,7 @@ def test_trusted_hosts_membership() -> None:
 
 @pytest.mark.parametrize(("proto", "scheme"), [("https", "wss"), ("http", "ws"), ("wss", "wss")])
 def test_websocket_scheme(proto, scheme) -> None:
-    # No WebSocket protocol is served yet: the scope is built as the connection would build it.
+    # The scope is built as the WebSocket cycle builds it, without a server.
     scope = {
         "type": "websocket",
         "scheme": "ws",

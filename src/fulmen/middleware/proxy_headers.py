@@ -30,7 +30,7 @@ class TrustedHosts:
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
-                self.literals.add(entry)  # e.g. a hostname or "unix:" peer name
+                self.literals.add(entry)  # e.g. a hostname
 
     def __contains__(self, host: object) -> bool:
         if self.always:
@@ -43,7 +43,11 @@ class TrustedHosts:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
-        return any(address in network for network in self.networks)
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+        mapped = address.ipv4_mapped if address.version == 6 else None
+        if mapped is not None:  # a dual-stack socket (`--host ::`) reports IPv4 peers so
+            candidates.append(mapped)
+        return any(ip in network for ip in candidates for network in self.networks)
 
     def client_of(self, forwarded_for: str) -> str | None:
         """The right-most address in an X-Forwarded-For chain that is not a trusted proxy."""
