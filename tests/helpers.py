@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,16 @@ from tests.conftest import TIMEOUT, RecordingHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"Fulmen running on (\S+)")
+
+
+def ipv6_available() -> bool:
+    """Whether this machine can bind the IPv6 loopback address."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -52,7 +63,7 @@ def run_fulmen(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-class _Lines:
+class Lines:
     """Lines of one pipe, read by a thread; `wait_for` blocks until a line matches."""
 
     def __init__(self, pipe: IO[str]) -> None:
@@ -97,18 +108,18 @@ class _Lines:
             return "\n".join(self.lines)
 
 
-class Fulmen:
-    """A running `python -m fulmen` process; use as a context manager (always stopped)."""
+class Process:
+    """A running command (cwd = the repository) whose output lines are collected; use as a
+    context manager: it is always stopped, with `stop_signal` first, then by force."""
+
+    stop_signal = signal.SIGTERM
+    lines_class = Lines
 
     def __init__(
-        self,
-        *args: str,
-        env: dict[str, str] | None = None,
-        pass_fds: tuple[int, ...] = (),
-        wait_started: bool = True,
+        self, command: list[str], env: dict[str, str] | None, pass_fds: tuple[int, ...] = ()
     ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fulmen", *args],
+            command,
             cwd=ROOT,
             env=env or clean_env(),
             stdout=subprocess.PIPE,
@@ -117,23 +128,8 @@ class Fulmen:
             pass_fds=pass_fds,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.stderr = _Lines(self.proc.stderr)
-        self.stdout = _Lines(self.proc.stdout)
-        self.address = ""
-        if wait_started:
-            try:
-                self.address = self.stderr.wait_for(STARTED).group(1)
-            except BaseException:
-                self.close()
-                raise
-
-    @property
-    def url(self) -> str:
-        return self.address
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        self.stderr = self.lines_class(self.proc.stderr)
+        self.stdout = self.lines_class(self.proc.stdout)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
@@ -149,7 +145,7 @@ class Fulmen:
         """Stop the process if it still runs (gracefully, then by force) and close the pipes."""
         try:
             if self.proc.poll() is None:
-                self.proc.terminate()
+                self.proc.send_signal(self.stop_signal)
                 try:
                     self.proc.wait(5)
                 except subprocess.TimeoutExpired:
@@ -162,11 +158,39 @@ class Fulmen:
                 if pipe is not None:
                     pipe.close()
 
-    def __enter__(self) -> Fulmen:
+    def __enter__(self):  # type: ignore[no-untyped-def]  # Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Fulmen(Process):
+    """A running `python -m fulmen` process, started once it logs its first address."""
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        wait_started: bool = True,
+    ) -> None:
+        super().__init__([sys.executable, "-m", "fulmen", *args], env, pass_fds)
+        self.address = ""
+        if wait_started:
+            try:
+                self.address = self.stderr.wait_for(STARTED).group(1)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
 
 @contextlib.contextmanager

@@ -53,6 +53,8 @@ def env_sample(f: dataclasses.Field) -> tuple[str, object]:
     meta = f.metadata
     if meta["choices"]:
         return meta["choices"][-1], meta["choices"][-1]
+    if f.name == "bind":  # addresses, one per line
+        return "127.0.0.1:8001\nunix:/tmp/a b.sock", ("127.0.0.1:8001", "unix:/tmp/a b.sock")
     if meta["multiple"]:
         return "X-A: 1\nX-B: two words", ("X-A: 1", "X-B: two words")  # one value per line
     if "/" in (meta["flag"] or "") or isinstance(f.default, bool):

@@ -39,7 +39,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import TIMEOUT
-from tests.helpers import STARTED, Fulmen, _Lines, clean_env
+from tests.helpers import STARTED, Fulmen, Lines, clean_env
 
 
 def _nginx() -> str | None:
@@ -174,7 +174,7 @@ class Nginx:
         self.port = self.tls_port = 0
         self.workers: list[int] = []
         self.proc: subprocess.Popen[str] | None = None
-        self.stderr: _Lines | None = None
+        self.stderr: Lines | None = None
 
     def config(self) -> str:
         user = ""
@@ -214,7 +214,7 @@ class Nginx:
                 text=True,
             )
             assert self.proc.stderr is not None
-            self.stderr = _Lines(self.proc.stderr)
+            self.stderr = Lines(self.proc.stderr)
             try:
                 self.workers.append(int(self.stderr.wait_for(WORKER_STARTED).group(1)))
                 return

@@ -17,7 +17,7 @@ import pytest
 
 import fulmen
 from tests.conftest import TIMEOUT, recv_response, recv_until_closed
-from tests.helpers import Fulmen, messages, record_logs, run_fulmen
+from tests.helpers import Fulmen, ipv6_available, messages, record_logs, run_fulmen
 
 
 async def hello(scope, receive, send):
@@ -258,15 +258,6 @@ def test_port_in_use() -> None:
     assert result.returncode == 3
     assert "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def ipv6_available() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")

@@ -11,11 +11,13 @@ import dataclasses
 import difflib
 import functools
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fulmen.protocols.engines import engine_name
+from fulmen.sockets import check_binding
 from fulmen.types import ASGIApp
 
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
@@ -60,6 +62,41 @@ class Config:
     port: int = option(8000, "Bind socket to this port. 0 picks a free port.")
     uds: str | None = option(None, "Bind to a UNIX domain socket.", kind=str)
     fd: int | None = option(None, "Bind to socket from this file descriptor.", kind=int)
+    bind: list[str] = option(
+        None,
+        "Listen on ADDRESS: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. Repeatable; "
+        "replaces --host, --port, --uds and --fd.",
+        flag="--bind",
+        multiple=True,
+        metavar="ADDRESS",
+    )
+    reuse_port: bool = option(
+        False, "Set SO_REUSEPORT, so that several processes can bind the same port."
+    )
+    ssl_keyfile: str | None = option(None, "TLS private key file (PEM).", kind=str)
+    ssl_certfile: str | None = option(
+        None, "TLS certificate (chain) file (PEM). Turns TLS on.", kind=str
+    )
+    ssl_keyfile_password: str | None = option(
+        None, "Password of an encrypted --ssl-keyfile.", kind=str
+    )
+    ssl_version: int = option(
+        int(ssl.PROTOCOL_TLS_SERVER),
+        "ssl.PROTOCOL_* constant. The default negotiates TLS 1.2 or 1.3; 5 (TLSv1_2) pins 1.2.",
+    )
+    ssl_cert_reqs: int = option(
+        int(ssl.CERT_NONE),
+        "Client certificates: 0 not asked for, 1 optional, 2 required (ssl.CERT_*).",
+    )
+    ssl_ca_certs: str | None = option(
+        None, "CA certificates file (PEM) that client certificates are verified against.", kind=str
+    )
+    ssl_ciphers: str | None = option(
+        None, "OpenSSL cipher list for TLS 1.2. Default: Python's secure list.", kind=str
+    )
+    timeout_tls_handshake: float = option(
+        10.0, "Close connections whose TLS handshake is not complete after this many seconds."
+    )
     loop: str = option("auto", "Event loop implementation.", choices=LOOP_CHOICES)
     http: str = option("auto", "HTTP/1.1 parser implementation.", choices=HTTP_CHOICES)
     ws: str = option(
@@ -85,6 +122,17 @@ class Config:
         "auto",
         "Application interface. 'auto' tells ASGI3 from ASGI2; WSGI must be asked for.",
         choices=INTERFACE_CHOICES,
+    )
+    workers: int | None = option(
+        None,
+        "Number of worker processes. Default: $WEB_CONCURRENCY, else 1 (no supervisor).",
+        kind=int,
+    )
+    timeout_worker_healthcheck: float = option(
+        5.0, "Kill and replace a worker whose event loop has not answered a ping in this long."
+    )
+    limit_max_requests_jitter: int = option(
+        0, "Add a random 0 to N to each worker's --limit-max-requests, to stagger restarts."
     )
     root_path: str = option("", "ASGI 'root_path' for applications mounted below a prefix.")
     limit_concurrency: int | None = option(
@@ -143,6 +191,33 @@ class Config:
     )
     factory: bool = option(False, "Treat APP as a factory: call it to get the application.")
     app_dir: str = option(".", "Prepended to sys.path to import APP.")
+    reload: bool = option(False, "Restart the server when files change. For development only.")
+    reload_dirs: list[str] = option(
+        None,
+        "Directory watched by --reload. Repeatable. Default: the current directory and the "
+        "application's directory.",
+        flag="--reload-dir",
+        multiple=True,
+        metavar="DIR",
+    )
+    reload_includes: list[str] = option(
+        None,
+        "Glob pattern of files whose change reloads. Repeatable. Default: '*.py'.",
+        flag="--reload-include",
+        multiple=True,
+        metavar="GLOB",
+    )
+    reload_excludes: list[str] = option(
+        None,
+        "Glob pattern (or directory) of files whose change does not reload. Repeatable. "
+        "Default: '.*', '.py[cod]', '.sw.*', '~*'.",
+        flag="--reload-exclude",
+        multiple=True,
+        metavar="GLOB",
+    )
+    reload_delay: float = option(
+        0.25, "Seconds to gather further changes before reloading: one restart for them all."
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -156,8 +231,47 @@ class Config:
         if self.ws_max_size < 1 or self.ws_max_queue < 1:
             raise ValueError("ws_max_size and ws_max_queue must be at least 1")
         self.header_pairs()  # a malformed --header is a configuration error, not a crash later
+        check_binding(self)  # TLS files and combinations are checked at startup (tls.py)
+        if self.timeout_tls_handshake <= 0:
+            raise ValueError("timeout_tls_handshake must be greater than 0")
         if self.forwarded_allow_ips is None:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+        self._check_reload()
+        self._check_processes()
+
+    def _check_reload(self) -> None:
+        for name in ("reload_dirs", "reload_includes", "reload_excludes"):
+            value = getattr(self, name)  # one string is one value, as uvicorn's reload_dirs="src"
+            setattr(self, name, [value] if isinstance(value, str) else list(value))
+        if self.reload_delay < 0:
+            raise ValueError("reload_delay must not be negative")
+        if not self.reload:
+            return
+        if self.workers is not None and self.workers > 1:
+            raise ValueError(
+                f"--reload and --workers {self.workers} cannot be used together: "
+                "reloading runs one server process"
+            )
+        self.workers = 1  # one server process: $WEB_CONCURRENCY does not apply
+        if not isinstance(self.app, str):
+            raise ValueError(
+                "--reload needs the application as an import string ('module:attribute'), "
+                "not an object: the server process imports it anew on each change"
+            )
+
+    def _check_processes(self) -> None:
+        if self.workers is None:  # as uvicorn: the variable only when the option is not given
+            raw = os.environ.get("WEB_CONCURRENCY", "").strip()
+            try:
+                self.workers = int(raw) if raw else 1
+            except ValueError:
+                raise ValueError(f"WEB_CONCURRENCY must be an integer, not {raw!r}") from None
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.timeout_worker_healthcheck <= 0:
+            raise ValueError("timeout_worker_healthcheck must be greater than 0")
+        if self.limit_max_requests_jitter < 0:
+            raise ValueError("limit_max_requests_jitter must not be negative")
 
     @property
     def trusted_hosts(self) -> list[str]:

@@ -9,6 +9,8 @@ from typing import Any
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
 from fulmen.server import Server
+from fulmen.supervisors.multiprocess import Multiprocess
+from fulmen.supervisors.reload import ChangeReload
 
 logger = logging.getLogger("fulmen.error")
 
@@ -21,7 +23,18 @@ def run(app: Any, **options: Any) -> None:
     Options are `Config`'s, with uvicorn's names. Exits with status 1 when the app cannot be
     loaded and 3 when it fails to start (lifespan startup failed, socket could not be bound).
     """
-    server = Server(Config(app, **options))
+    config = Config(app, **options)
+    if config.reload:
+        code = ChangeReload(config).run()
+        if code:
+            sys.exit(code)
+        return
+    if config.workers is not None and config.workers > 1:
+        code = Multiprocess(config).run()
+        if code:
+            sys.exit(code)
+        return
+    server = Server(config)
     try:
         server.run()
     except ImportFromStringError as exc:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -21,14 +22,16 @@ from fulmen.logging import configure_logging
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
 from fulmen.protocols.http1 import H1Connection
-from fulmen.sockets import bind_sockets, describe
+from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
+from fulmen.tls import create_ssl_context
 from fulmen.types import ASGIApp
 
 logger = logging.getLogger("fulmen.error")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TICK_SECONDS = 1.0
+ACCEPT_SETTLE_ITERATIONS = 4
 
 
 def load_app(config: Config) -> tuple[ASGIApp, str]:
@@ -52,6 +55,8 @@ def load_app(config: Config) -> tuple[ASGIApp, str]:
 class Server:
     """Serve one `Config`. `await server.serve()` works inside an already running loop."""
 
+    announce = True  # log a "Fulmen running on" line per socket (a supervisor logs them once)
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = False
@@ -62,6 +67,8 @@ class Server:
         self._exit_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._socket_files: list[tuple[str, int]] = []  # (path, inode) to remove
+        self.limit_max_requests: int | None = None  # with its jitter, drawn when serving
 
     @property
     def should_exit(self) -> bool:
@@ -80,9 +87,15 @@ class Server:
         """Run `serve()` on a new event loop of the configured kind."""
         run_loop(self.serve(sockets), loop_factory(self.config.loop))
 
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+    def configure_logging(self) -> None:
+        """Install fulmen's logging configuration. A host that owns logging overrides this
+        (the gunicorn worker routes fulmen's loggers to gunicorn's handlers instead)."""
         config = self.config
         configure_logging(config.log_level, config.access_log, config.use_colors)
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        self.configure_logging()
         self._loop = asyncio.get_running_loop()
         self._exit_event = asyncio.Event()
         if self._should_exit:
@@ -110,6 +123,11 @@ class Server:
                 return
         assert self._loop is not None
         self.state = ServerState(config, app, app_state, self._loop, self._max_requests)
+        limit = config.limit_max_requests
+        if limit:  # each server (each worker process) draws its own jitter: they restart apart
+            limit += random.randint(0, config.limit_max_requests_jitter)
+        self.limit_max_requests = limit
+        self.state.limit_max_requests = limit or 0
         try:
             await self._listen(sockets)
         except OSError as exc:
@@ -127,18 +145,30 @@ class Server:
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
         assert self.state is not None and self._loop is not None
+        config = self.config
+        # Built before binding: a certificate that cannot be loaded leaves nothing bound.
+        ssl_context = create_ssl_context(config)
+        tls: dict[str, Any] = {}
+        if ssl_context is not None:
+            # asyncio's default is 60 s: a client that never completes the handshake is closed
+            # sooner (both asyncio and uvloop honour the argument).
+            tls = {"ssl": ssl_context, "ssl_handshake_timeout": config.timeout_tls_handshake}
+        scheme = "http" if ssl_context is None else "https"
         factory = functools.partial(H1Connection, self.state)
         owned = sockets is None
-        for sock in sockets or bind_sockets(self.config):
+        if sockets is None:
+            sockets = bind_sockets(config)
+            self._socket_files = socket_files(config, sockets)
+        for sock in sockets:
             if sock.family == socket.AF_UNIX:
-                server = await self._loop.create_unix_server(factory, sock=sock)
+                server = await self._loop.create_unix_server(factory, sock=sock, **tls)
             else:
                 server = await self._loop.create_server(
-                    factory, sock=sock, backlog=self.config.backlog
+                    factory, sock=sock, backlog=config.backlog, **tls
                 )
             self.servers.append(server)
-            if owned or sock.family != socket.AF_UNIX:
-                logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock))
+            if self.announce and (owned or sock.family != socket.AF_UNIX):
+                logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock, scheme))
 
     def _tick(self) -> None:
         """Once a second: refresh the date header and close timed-out connections."""
@@ -156,7 +186,7 @@ class Server:
     def _max_requests(self) -> None:
         logger.warning(
             "Maximum request limit of %d exceeded. Terminating process.",
-            self.config.limit_max_requests,
+            self.limit_max_requests,
         )
         self.should_exit = True
 
@@ -165,9 +195,14 @@ class Server:
         logger.info("Shutting down")
         state = self.state
         assert state is not None
-        state.shutting_down = True
         for server in self.servers:
             server.close()
+        # A connection accepted just before the close reaches connection_made a loop iteration
+        # or two later (asyncio: an accept task, then a call_soon): let it arrive, so that it is
+        # shut down like the others (its request served) rather than closed unread.
+        for _ in range(ACCEPT_SETTLE_ITERATIONS):
+            await asyncio.sleep(0)
+        state.shutting_down = True
         for conn in list(state.connections):
             conn.shutdown()
         await self._wait_for_connections()
@@ -182,8 +217,7 @@ class Server:
             await server.wait_closed()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        if self.config.uds and sockets is None and os.path.exists(self.config.uds):
-            os.unlink(self.config.uds)
+        remove_socket_files(self._socket_files)
 
     async def _wait_for_connections(self) -> None:
         state = self.state

@@ -1,35 +1,140 @@
-"""Binding the listening socket: TCP host/port, a Unix domain socket, or an inherited fd."""
+"""Binding the listening sockets: TCP, Unix domain sockets, inherited fds, systemd activation.
+
+Which sockets a server listens on, the first rule that applies:
+
+1. systemd socket activation: `LISTEN_PID` is this process and `LISTEN_FDS` counts the sockets
+   passed from file descriptor 3 onward (sd_listen_fds(3));
+2. `--bind`, repeatable: `HOST:PORT`, `[IPV6]:PORT`, `unix:PATH`, `fd://N`;
+3. `--fd`, then `--uds`, then `--host`/`--port`.
+
+Everything here runs before the event loop serves; `check_binding` is pure, for `Config`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+from typing import TYPE_CHECKING, NamedTuple
 
-from fulmen.config import Config
+if TYPE_CHECKING:
+    from fulmen.config import Config
+
+# sd_listen_fds(3): passed sockets start after stdin, stdout and stderr.
+SD_LISTEN_FDS_START = 3
+_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"
+
+
+class Address(NamedTuple):
+    """One place to listen: `kind` is "tcp" (host, port), "unix" (path) or "fd" (fd)."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+
+def parse_bind(value: str) -> Address:
+    """One `--bind` value; a ValueError names the accepted forms."""
+    if value.startswith("unix:"):
+        if len(value) == 5:
+            raise ValueError("--bind unix:PATH needs a path")
+        return Address("unix", path=value[5:])
+    if value.startswith("fd://"):
+        number = value[5:]
+        if not number.isdigit():
+            raise ValueError(f"--bind {value!r}: fd://N needs a file descriptor number")
+        return Address("fd", fd=int(number))
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"--bind {value!r}: write an IPv6 address in brackets, as [::1]:8000")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--bind {value!r}: expected {_BIND_FORMS}")
+    if int(port) > 65535:
+        raise ValueError(f"--bind {value!r}: port must be between 0 and 65535")
+    return Address("tcp", host=host, port=int(port))
+
+
+def addresses(config: Config) -> list[Address]:
+    """The addresses `config` asks for (without systemd activation, which overrides them)."""
+    if config.bind:
+        return [parse_bind(value) for value in config.bind]
+    if config.fd is not None:
+        return [Address("fd", fd=config.fd)]
+    if config.uds:
+        return [Address("unix", path=config.uds)]
+    host = config.host
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return [Address("tcp", host=host, port=config.port)]
+
+
+def check_binding(config: Config) -> None:
+    """Reject malformed or repeated `--bind` values (a usage error, before anything binds)."""
+    wanted = addresses(config)
+    if len(set(wanted)) != len(wanted):
+        raise ValueError("the same address is given twice in --bind")
 
 
 def bind_sockets(config: Config) -> list[socket.socket]:
     """Every listening socket `config` asks for, bound and listening (the supervisor of worker
-    processes binds them once and hands them to each worker)."""
-    return [bind_socket(config)]
-
-
-def bind_socket(config: Config) -> socket.socket:
-    """Create, bind and listen on the socket `config` names (fd, then uds, then host:port)."""
-    if config.fd is not None:
-        return from_fd(config.fd, config.backlog)
-    if config.uds:
-        return bind_unix(config.uds, config.backlog)
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    processes binds them once and hands them to each worker). On an error none stays open."""
+    inherited = systemd_sockets(config.backlog)
+    if inherited is not None:
+        return inherited
+    wanted = addresses(config)
+    # Dual stack: an IPv6 socket also accepts IPv4 (as ::ffff:a.b.c.d), unless an IPv4 address
+    # on the same port is asked for too, which would then be taken already.
+    ipv4_ports = {a.port for a in wanted if a.kind == "tcp" and ":" not in a.host and a.port}
+    socks: list[socket.socket] = []
     try:
-        sock.bind((config.host, config.port))
-    except OSError:
+        for address in wanted:
+            if address.kind == "fd":
+                socks.append(from_fd(address.fd, config.backlog))
+            elif address.kind == "unix":
+                socks.append(bind_unix(address.path, config.backlog))
+            else:
+                dual = address.port not in ipv4_ports
+                host, port = address.host, address.port
+                socks.append(bind_tcp(host, port, config.backlog, config.reuse_port, dual))
+    except BaseException:
+        remove_socket_files(socket_files(config, socks))
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def bind_tcp(
+    host: str, port: int, backlog: int, reuse_port: bool = False, dual_stack: bool = True
+) -> socket.socket:
+    """A listening TCP socket; an address containing ':' is IPv6.
+
+    Dual stack (RFC 3493 §5.3, IPV6_V6ONLY off): `::` serves IPv4 too, where the system allows
+    it (OpenBSD does not); the flag can only be set before binding.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            option = getattr(socket, "SO_REUSEPORT", None)
+            if option is None:  # pragma: no cover - Windows
+                raise OSError("reuse_port: SO_REUSEPORT is not supported on this platform")
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
         sock.close()
         raise
-    sock.listen(config.backlog)
     sock.setblocking(False)
     return sock
 
@@ -41,20 +146,83 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
             raise OSError(f"{path} exists and is not a socket")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    # Like uvicorn: read/write for user, group and others; restrict with the directory.
-    os.chmod(path, 0o666)
-    sock.listen(backlog)
+    try:
+        sock.bind(path)
+        # Like uvicorn: read/write for user, group and others; restrict with the directory.
+        os.chmod(path, 0o666)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
 
 def from_fd(fd: int, backlog: int) -> socket.socket:
     """Adopt an already bound socket, detecting its family instead of assuming one."""
-    sock = socket.socket(fileno=fd)
-    sock.listen(backlog)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"file descriptor {fd}: {exc.strerror}") from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(f"file descriptor {fd} is not a stream socket")
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()  # handed over to fulmen: closed like any socket fulmen gives up
+        raise
     sock.setblocking(False)
     return sock
+
+
+def systemd_sockets(backlog: int) -> list[socket.socket] | None:
+    """The sockets systemd passed (socket activation), or None when there are none for us.
+
+    As sd_listen_fds(3): only when `LISTEN_PID` is this process (the variables may have been
+    inherited from a parent they were meant for); the variables are then removed, so child
+    processes do not take the sockets for theirs, and the fds are made close-on-exec.
+    """
+    pid = os.environ.get("LISTEN_PID", "")
+    count = os.environ.get("LISTEN_FDS", "")
+    if not count or pid != str(os.getpid()):
+        return None
+    for name in _SYSTEMD_VARIABLES:
+        os.environ.pop(name, None)
+    if not count.isdigit():
+        raise OSError(f"LISTEN_FDS must be a number of sockets, not {count!r}")
+    socks: list[socket.socket] = []
+    try:
+        for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+            sock = from_fd(fd, backlog)
+            sock.set_inheritable(False)
+            socks.append(sock)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks or None
+
+
+def socket_files(config: Config, socks: list[socket.socket]) -> list[tuple[str, int]]:
+    """The socket files among `socks` that fulmen created (from `--uds` or `--bind unix:`), with
+    their inode; inherited sockets' files belong to whoever bound them."""
+    paths = {a.path for a in addresses(config) if a.kind == "unix"}
+    files = []
+    for sock in socks:
+        name = sock.getsockname() if sock.family == socket.AF_UNIX else None
+        if isinstance(name, str) and name in paths:
+            with contextlib.suppress(OSError):
+                files.append((name, os.stat(name).st_ino))
+    return files
+
+
+def remove_socket_files(files: list[tuple[str, int]]) -> None:
+    """Remove the socket files fulmen created, unless another server has replaced one since
+    (a new server taking over the path in a restart must keep its socket)."""
+    for path, inode in files:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
 
 
 def describe(sock: socket.socket, scheme: str = "http") -> str:

@@ -63,6 +63,7 @@ class H1Connection(asyncio.Protocol):
         "pipeline",
         "proxy",
         "scheme",
+        "served",
         "server",
         "state",
         "transport",
@@ -76,6 +77,7 @@ class H1Connection(asyncio.Protocol):
         self.next: RequestCycle | None = None  # the first request waiting for its turn
         self.pipeline: deque[RequestCycle] | None = None  # requests queued behind `next`
         self.idle = True
+        self.served = False  # a response was written: an idle connection is between requests
         self.driving = False
         self.ws: WebSocketCycle | None = None  # a WebSocket handshake the app has not answered
 
@@ -299,6 +301,7 @@ class H1Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.cycle = None
+        self.served = True
         if self.next is None:
             self.idle = True
             self.deadline = state.clock + state.timeout_keep_alive
@@ -347,9 +350,18 @@ class H1Connection(asyncio.Protocol):
                 self.reject(408, "Request Timeout")
 
     def shutdown(self) -> None:
-        """Graceful shutdown: close now when idle, otherwise after the current response."""
-        if self.cycle is None:
+        """Graceful shutdown: close now when idle between requests, otherwise after the current
+        response. A new connection, or one whose request head is arriving, gets until the next
+        timeout sweep to send it: its request may be on the way already. (Clients expect an
+        idle persistent connection to close at any time and retry on a fresh one, RFC 9112
+        §9.3.1; a request on a new connection they take as failed.)"""
+        if self.cycle is not None:
+            return
+        if self.idle and self.served:
             self.transport.close()
+        else:
+            clock = self.state.clock
+            self.deadline = min(self.deadline, clock) if self.deadline else clock
 
 
 def _keep_alive(version: str, connection: bytes) -> bool:

@@ -1,0 +1,68 @@
+"""Applications for the worker process tests: `python -m fulmen tests.apps_workers:NAME`.
+
+`app` answers every request with the worker's process id; `/block` blocks the worker's event
+loop (as a CPU-bound or synchronous call in an async app would) and `/forever` never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+from tests.apps import _lifespan
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    path = scope["path"]
+    if path == "/block":
+        print(f"blocking worker {os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(60)
+    elif path == "/forever":
+        print(f"forever request started in {os.getpid()}", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+
+
+async def startup_fails(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "lifespan"
+    await receive()
+    await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
+
+
+async def shutdown_hangs(scope: Any, receive: Any, send: Any) -> None:
+    """Serves like `app`, but its lifespan shutdown never completes."""
+    if scope["type"] != "lifespan":
+        await app(scope, receive, send)
+        return
+    await receive()
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+    print(f"shutdown hangs in {os.getpid()}", file=sys.stderr, flush=True)
+    await asyncio.Event().wait()
+
+
+async def fails_when_flagged(scope: Any, receive: Any, send: Any) -> None:
+    """`app`, whose lifespan startup fails while the file $FULMEN_TEST_FAIL_FLAG exists."""
+    if scope["type"] != "lifespan":
+        await app(scope, receive, send)
+        return
+    await receive()
+    if os.path.exists(os.environ["FULMEN_TEST_FAIL_FLAG"]):
+        await send({"type": "lifespan.startup.failed", "message": "broken deploy"})
+        return
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+    await send({"type": "lifespan.shutdown.complete"})
