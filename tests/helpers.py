@@ -202,14 +202,14 @@ def record_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingHandler]:
     """
     handler = RecordingHandler()
     names = ("fulmen", "fulmen.access")
-    original = server_module.configure_logging
+    original = server_module.configure_with
 
     def configure(*args: Any, **kwargs: Any) -> None:
         original(*args, **kwargs)
         for name in names:
             logging.getLogger(name).addHandler(handler)
 
-    monkeypatch.setattr(server_module, "configure_logging", configure)
+    monkeypatch.setattr(server_module, "configure_with", configure)
     try:
         yield handler
     finally:

@@ -53,6 +53,9 @@ def env_sample(f: dataclasses.Field) -> tuple[str, object]:
     meta = f.metadata
     if meta["choices"]:
         return meta["choices"][-1], meta["choices"][-1]
+    if f.name in ("config", "env_file"):  # a file that exists (empty: no option, no variable)
+        path = str(Path(__file__).with_name("configfile_empty"))
+        return path, path
     if f.name == "bind":  # addresses, one per line
         return "127.0.0.1:8001\nunix:/tmp/a b.sock", ("127.0.0.1:8001", "unix:/tmp/a b.sock")
     if meta["multiple"]:

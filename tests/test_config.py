@@ -107,6 +107,7 @@ def test_choice_fields() -> None:
         "lifespan",
         "interface",
         "log_level",
+        "log_format",
     }
 
 

@@ -10,6 +10,7 @@ import click
 
 import fulmen
 from fulmen.config import OPTION_FIELDS, Config
+from fulmen.configfile import ConfigFileError, read_config_file
 from fulmen.main import run
 
 
@@ -45,7 +46,24 @@ def _param(f: dataclasses.Field[Any]) -> click.Option:
         kwargs["is_flag"] = True
     if meta["metavar"]:
         kwargs["metavar"] = meta["metavar"]
+    if f.name in ("config", "env_file"):
+        kwargs["type"] = click.Path(exists=True, dir_okay=False)
+    if f.name == "config":  # read first: its options become the defaults of all the others
+        kwargs.update(is_eager=True, callback=_read_config)
     return click.Option([flag, f.name], default=None if meta["multiple"] else default, **kwargs)
+
+
+def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Make the options of the `--config` file the command's `default_map`: click takes a
+    value from the command line, else from the `FULMEN_*` variable, else from that map."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    try:
+        options = read_config_file(value)
+    except ConfigFileError as exc:
+        raise click.UsageError(str(exc), ctx) from None
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+    return value
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:

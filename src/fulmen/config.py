@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fulmen.logging import AccessFormat
 from fulmen.protocols.engines import engine_name
 from fulmen.sockets import check_binding
 from fulmen.types import ASGIApp
@@ -27,6 +28,7 @@ WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")
 LIFESPAN_CHOICES = ("auto", "on", "off")
 INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS = ("text", "json")
 
 
 def option(
@@ -174,6 +176,23 @@ class Config:
     )
     date_header: bool = option(True, "Send a 'date' header.", flag="--date-header/--no-date-header")
     log_level: str = option("info", "Log level.", choices=LOG_LEVEL_CHOICES)
+    log_config: str | dict[str, Any] | Any | None = option(
+        None,
+        "Logging configuration applied after fulmen's: a .json, .yaml or .yml file "
+        "(dictConfig) or an .ini/.conf file (fileConfig).",
+        kind=str,
+        metavar="PATH",
+    )
+    log_format: str = option(
+        "text", "Log line format: 'json' writes one JSON object per line.", choices=LOG_FORMATS
+    )
+    access_log_format: str | None = option(
+        None,
+        "Access line format with %(atom)s fields, e.g. '%(client)s %(method)s %(path)s "
+        "%(status)d %(duration_ms).1f'. Default: the standard line.",
+        kind=str,
+        metavar="FORMAT",
+    )
     access_log: bool = option(True, "Log each request.", flag="--access-log/--no-access-log")
     use_colors: bool | None = option(
         None, "Colour the logs (default: when a TTY).", flag="--use-colors/--no-use-colors"
@@ -188,6 +207,16 @@ class Config:
         "Comma-separated IPs or CIDRs (or '*') trusted for proxy headers. "
         "Default: $FORWARDED_ALLOW_IPS or 127.0.0.1.",
         kind=str,
+    )
+    config: str | None = option(
+        None,
+        "TOML file of options, named as here (port = 8001). The command line and FULMEN_* "
+        "variables win over it.",
+        kind=str,
+        metavar="PATH",
+    )
+    env_file: str | None = option(
+        None, "Load this dotenv file into the environment before importing APP.", kind=str
     )
     factory: bool = option(False, "Treat APP as a factory: call it to get the application.")
     app_dir: str = option(".", "Prepended to sys.path to import APP.")
@@ -231,9 +260,15 @@ class Config:
         if self.ws_max_size < 1 or self.ws_max_queue < 1:
             raise ValueError("ws_max_size and ws_max_queue must be at least 1")
         self.header_pairs()  # a malformed --header is a configuration error, not a crash later
+        if self.access_log_format is not None:
+            AccessFormat(self.access_log_format)  # an unknown atom is a configuration error
         check_binding(self)  # TLS files and combinations are checked at startup (tls.py)
         if self.timeout_tls_handshake <= 0:
             raise ValueError("timeout_tls_handshake must be greater than 0")
+        if self.env_file is not None:  # first, as uvicorn: it may set the variables below
+            from fulmen.configfile import load_env_file  # (the IO lives there)
+
+            load_env_file(self.env_file)
         if self.forwarded_allow_ips is None:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
         self._check_reload()
@@ -307,6 +342,12 @@ def _checked(init: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(init)
     def __init__(self: Config, app: Any, **options: Any) -> None:
         check_options(options)
+        if options.get("config") is not None:  # keyword arguments win over the file's options
+            from fulmen.configfile import read_config_file
+
+            from_file = read_config_file(options["config"])
+            from_file.pop("app", None)  # the `app` argument is always given in Python
+            options = {**from_file, **options}
         init(self, app, **options)
 
     return __init__

@@ -18,7 +18,7 @@ from fulmen.config import Config
 from fulmen.importer import ImportFromStringError, import_from_string
 from fulmen.interfaces import adapt, detect_interface
 from fulmen.lifespan import Lifespan
-from fulmen.logging import configure_logging
+from fulmen.logging import LogConfigError, configure_with
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
 from fulmen.protocols.http1 import H1Connection
@@ -90,12 +90,15 @@ class Server:
     def configure_logging(self) -> None:
         """Install fulmen's logging configuration. A host that owns logging overrides this
         (the gunicorn worker routes fulmen's loggers to gunicorn's handlers instead)."""
-        config = self.config
-        configure_logging(config.log_level, config.access_log, config.use_colors)
+        configure_with(self.config)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config
-        self.configure_logging()
+        try:
+            self.configure_logging()
+        except LogConfigError as exc:  # fulmen's own configuration is in place: say why, stop
+            logger.error("%s", exc)
+            return
         self._loop = asyncio.get_running_loop()
         self._exit_event = asyncio.Event()
         if self._should_exit:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fulmen.config import Config
+from fulmen.logging import DEFAULT_ACCESS_FORMAT, AccessFormat, timed_app
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
 from fulmen.protocols.engines import engine_factory
@@ -63,6 +64,13 @@ class ServerState:
         self.ws_ping_timeout = config.ws_ping_timeout or 0.0
         self.proxy_headers = ProxyHeaders(config.trusted_hosts) if config.proxy_headers else None
         self.access_log = config.access_log and access_logger.isEnabledFor(logging.INFO)
+        # None: the default text line, written directly. Fields are computed only when logged,
+        # and the app is wrapped to time and count the body only when the format uses them.
+        self.access_format: AccessFormat | None = None
+        if self.access_log and (config.access_log_format or config.log_format == "json"):
+            self.access_format = AccessFormat(config.access_log_format or DEFAULT_ACCESS_FORMAT)
+            if self.access_format.timed:
+                self.app = timed_app(app)
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.total_requests = 0

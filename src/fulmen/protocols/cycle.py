@@ -296,6 +296,10 @@ class RequestCycle:
 
     def log_access(self) -> None:
         scope = self.scope
+        access_format = self.conn.state.access_format
+        if access_format is not None:
+            access_format.log(scope, self.status, self.headers)
+            return
         client, target = access_fields(scope)
         access_logger.info(
             '%s - "%s %s HTTP/%s" %d',

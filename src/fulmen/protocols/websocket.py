@@ -78,6 +78,10 @@ class WebSocketRequest(RequestCycle):
     websocket = True
 
     def log_access(self) -> None:
+        access_format = self.conn.state.access_format
+        if access_format is not None:
+            access_format.log(self.scope, self.status, self.headers)
+            return
         client, target = access_fields(self.scope)
         access_logger.info(
             '%s - "WebSocket %s" %d',
@@ -321,8 +325,11 @@ class WebSocketCycle(asyncio.Protocol):
         self.state = OPEN
         self._take_over()
         if server.access_log:
-            client, target = access_fields(self.scope)
-            access_logger.info('%s - "WebSocket %s" [accepted]', client, target)
+            if server.access_format is not None:
+                server.access_format.log(self.scope, 101, message.get("headers", ()))
+            else:
+                client, target = access_fields(self.scope)
+                access_logger.info('%s - "WebSocket %s" [accepted]', client, target)
         if server.shutting_down:  # accepted during a graceful shutdown: close at once
             self._close(1012, "")
 

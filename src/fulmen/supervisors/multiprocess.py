@@ -38,7 +38,7 @@ from typing import Any
 
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
-from fulmen.logging import configure_logging
+from fulmen.logging import configure_from
 from fulmen.server import Server
 from fulmen.sockets import remove_socket_files
 from fulmen.supervisors import listen_once
@@ -201,7 +201,8 @@ class Multiprocess:
     def run(self) -> int:
         """Supervise until stopped; the exit status (1: import error, 3: startup failure)."""
         config = self.config
-        configure_logging(config.log_level, config.access_log, config.use_colors)
+        if not configure_from(config):
+            return STARTUP_FAILURE
         if not isinstance(config.app, str):
             logger.error(
                 "You must pass the application as an import string to use several workers."

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
-from fulmen.logging import configure_logging
+from fulmen.logging import configure_from
 from fulmen.server import Server
 from fulmen.sockets import remove_socket_files
 from fulmen.supervisors import listen_once
@@ -281,7 +281,8 @@ class ChangeReload:
                 "the main module: call it under `if __name__ == '__main__':`"
             )
         config = self.config
-        configure_logging(config.log_level, config.access_log, config.use_colors)
+        if not configure_from(config):
+            return STARTUP_FAILURE
         roots = watch_roots(config, self._cwd)
         file_filter = FileFilter(roots, config.reload_includes, config.reload_excludes, self._cwd)
         try:
