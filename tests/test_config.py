@@ -108,6 +108,7 @@ def test_choice_fields() -> None:
         "interface",
         "log_level",
         "log_format",
+        "proxy_headers_mode",
     }
 
 

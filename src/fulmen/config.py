@@ -202,11 +202,28 @@ class Config:
         "Trust X-Forwarded-For/Proto from --forwarded-allow-ips for client and scheme.",
         flag="--proxy-headers/--no-proxy-headers",
     )
+    proxy_protocol: bool = option(
+        False,
+        "Expect a PROXY protocol v1/v2 header on every connection, from --forwarded-allow-ips "
+        "only. Only behind a balancer that always sends it.",
+    )
     forwarded_allow_ips: str | None = option(
         None,
         "Comma-separated IPs or CIDRs (or '*') trusted for proxy headers. "
         "Default: $FORWARDED_ALLOW_IPS or 127.0.0.1.",
         kind=str,
+    )
+    proxy_headers_mode: str = option(
+        "x-forwarded",
+        "Which proxy headers to read: 'x-forwarded' (X-Forwarded-*) or 'forwarded' (RFC 7239 "
+        "Forwarded). The other family is ignored.",
+        choices=("x-forwarded", "forwarded"),
+    )
+    proxy_headers_host: bool = option(
+        False,
+        "Also take the host and port (X-Forwarded-Host/Port, or Forwarded host=) into "
+        "scope['server'] and the Host header.",
+        flag="--proxy-headers-host/--no-proxy-headers-host",
     )
     config: str | None = option(
         None,

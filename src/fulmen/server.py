@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fulmen.config import Config
@@ -21,6 +22,8 @@ from fulmen.lifespan import Lifespan
 from fulmen.logging import LogConfigError, configure_with
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
+from fulmen.middleware.message_logger import log_messages
+from fulmen.protocols import proxy_protocol
 from fulmen.protocols.http1 import H1Connection
 from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
@@ -104,6 +107,7 @@ class Server:
         if self._should_exit:
             self._exit_event.set()
         app, interface = load_app(config)  # a bad import string is one error line, nothing else
+        app = log_messages(app)  # --log-level trace: every ASGI message; else app itself
         logger.info("Started server process [%d]", os.getpid())
         installed = self._install_signal_handlers()
         try:
@@ -157,7 +161,9 @@ class Server:
             # sooner (both asyncio and uvloop honour the argument).
             tls = {"ssl": ssl_context, "ssl_handshake_timeout": config.timeout_tls_handshake}
         scheme = "http" if ssl_context is None else "https"
-        factory = functools.partial(H1Connection, self.state)
+        factory: Callable[[], asyncio.Protocol] = functools.partial(H1Connection, self.state)
+        if config.proxy_protocol:  # off: the factory is the connection itself, at no cost
+            factory = proxy_protocol.connection_factory(self.state, config, ssl_context)
         owned = sockets is None
         if sockets is None:
             sockets = bind_sockets(config)

@@ -62,7 +62,11 @@ class ServerState:
         self.ws_max_queue = config.ws_max_queue
         self.ws_ping_interval = config.ws_ping_interval or 0.0
         self.ws_ping_timeout = config.ws_ping_timeout or 0.0
-        self.proxy_headers = ProxyHeaders(config.trusted_hosts) if config.proxy_headers else None
+        self.proxy_headers = (
+            ProxyHeaders(config.trusted_hosts, config.proxy_headers_mode, config.proxy_headers_host)
+            if config.proxy_headers
+            else None
+        )
         self.access_log = config.access_log and access_logger.isEnabledFor(logging.INFO)
         # None: the default text line, written directly. Fields are computed only when logged,
         # and the app is wrapped to time and count the body only when the format uses them.

@@ -33,6 +33,9 @@ _SPECIAL = frozenset(
         b"upgrade",
         b"x-forwarded-for",
         b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
     )
 )
 _VERSIONS = frozenset(("1.1", "1.0"))
