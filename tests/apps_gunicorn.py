@@ -15,7 +15,9 @@ from typing import Any
 
 
 def marker(text: str) -> None:
-    print(f"{text} {os.getpid()}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the newline separately, and other processes share
+    # this stderr (a line of another process could land between the two).
+    os.write(sys.stderr.fileno(), f"{text} {os.getpid()}\n".encode())
 
 
 async def _lifespan(scope: Any, receive: Any, send: Any) -> None:
