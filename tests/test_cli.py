@@ -56,6 +56,8 @@ def env_sample(f: dataclasses.Field) -> tuple[str, object]:
     if f.name in ("config", "env_file"):  # a file that exists (empty: no option, no variable)
         path = str(Path(__file__).with_name("configfile_empty"))
         return path, path
+    if f.name == "metrics_bind":
+        return "127.0.0.1:9100", "127.0.0.1:9100"
     if f.name == "bind":  # addresses, one per line
         return "127.0.0.1:8001\nunix:/tmp/a b.sock", ("127.0.0.1:8001", "unix:/tmp/a b.sock")
     if meta["multiple"]:

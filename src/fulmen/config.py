@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fulmen.logging import AccessFormat
+from fulmen.metrics import parse_address
 from fulmen.protocols.engines import engine_name
 from fulmen.sockets import check_binding
 from fulmen.types import ASGIApp
@@ -26,7 +27,7 @@ HTTP_CHOICES = ("auto", "h11", "httptools")
 # 'websockets-sansio' is uvicorn's name for the engine fulmen's 'websockets' already is.
 WS_CHOICES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")
 LIFESPAN_CHOICES = ("auto", "on", "off")
-INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi")
+INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi", "consumer")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
 
@@ -122,7 +123,8 @@ class Config:
     lifespan: str = option("auto", "Lifespan implementation.", choices=LIFESPAN_CHOICES)
     interface: str = option(
         "auto",
-        "Application interface. 'auto' tells ASGI3 from ASGI2; WSGI must be asked for.",
+        "Application interface. 'auto' tells ASGI3, ASGI2 and async two-argument consumers "
+        "apart; WSGI and sync consumers must be asked for.",
         choices=INTERFACE_CHOICES,
     )
     workers: int | None = option(
@@ -194,6 +196,13 @@ class Config:
         metavar="FORMAT",
     )
     access_log: bool = option(True, "Log each request.", flag="--access-log/--no-access-log")
+    metrics_bind: str | None = option(
+        None,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (a second listener). One server "
+        "process only: not with --workers N.",
+        kind=str,
+        metavar="HOST:PORT",
+    )
     use_colors: bool | None = option(
         None, "Colour the logs (default: when a TTY).", flag="--use-colors/--no-use-colors"
     )
@@ -324,6 +333,13 @@ class Config:
             raise ValueError("timeout_worker_healthcheck must be greater than 0")
         if self.limit_max_requests_jitter < 0:
             raise ValueError("limit_max_requests_jitter must not be negative")
+        if self.metrics_bind is not None:
+            parse_address(self.metrics_bind)
+            if self.workers > 1:
+                raise ValueError(
+                    f"--metrics-bind and --workers {self.workers} cannot be used together: "
+                    "the metrics endpoint serves one server process"
+                )
 
     @property
     def trusted_hosts(self) -> list[str]:

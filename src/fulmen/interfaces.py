@@ -10,19 +10,35 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from fulmen.consumers import ConsumerMiddleware
 from fulmen.types import ASGIApp, Message, Receive, Scope, Send
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def detect_interface(app: Any) -> str:
-    """'asgi3' for `async def app(scope, receive, send)`, 'asgi2' for `app(scope)`."""
+    """'asgi3' for `async def app(scope, receive, send)`, 'asgi2' for `app(scope)`.
+
+    'consumer' for `async def app(message, channels)`: exactly two positional parameters.
+    """
     if inspect.isclass(app):
         return "asgi3" if hasattr(app, "__await__") else "asgi2"
     # `app` itself first: this also sees through functools.partial of an async function.
-    if inspect.iscoroutinefunction(app):
-        return "asgi3"
-    return "asgi3" if inspect.iscoroutinefunction(app.__call__) else "asgi2"
+    if inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(app.__call__):
+        return "consumer" if _positional(app) == 2 else "asgi3"
+    return "asgi2"
+
+
+def _positional(app: Any) -> int | None:
+    """How many positional parameters `app` has; None when that cannot be told."""
+    try:
+        parameters = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in positional)
 
 
 def adapt(app: Any, interface: str) -> ASGIApp:
@@ -33,6 +49,9 @@ def adapt(app: Any, interface: str) -> ASGIApp:
         return WSGIMiddleware(app)
     if interface == "asgi2":
         return ASGI2Middleware(app)
+    if interface == "consumer":
+        asynchronous = inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(app.__call__)
+        return ConsumerMiddleware(app, asynchronous)
     return app  # type: ignore[no-any-return]
 
 

@@ -22,6 +22,7 @@ from fulmen.lifespan import Lifespan
 from fulmen.logging import LogConfigError, configure_with
 from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
+from fulmen.metrics import Metrics, start_endpoint
 from fulmen.middleware.message_logger import log_messages
 from fulmen.protocols import proxy_protocol
 from fulmen.protocols.http1 import H1Connection
@@ -72,6 +73,7 @@ class Server:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._socket_files: list[tuple[str, int]] = []  # (path, inode) to remove
         self.limit_max_requests: int | None = None  # with its jitter, drawn when serving
+        self.metrics: Metrics | None = None  # --metrics-bind
 
     @property
     def should_exit(self) -> bool:
@@ -123,12 +125,15 @@ class Server:
         config = self.config
         app_state: dict[str, Any] = {}
         lifespan = None
-        if config.lifespan != "off" and interface != "wsgi":
+        if config.lifespan != "off" and interface not in ("wsgi", "consumer"):
             lifespan = Lifespan(app, config.lifespan, app_state)
             await lifespan.startup()
             if lifespan.startup_failed:
                 return
         assert self._loop is not None
+        if config.metrics_bind:  # off: the app is not wrapped, nothing is counted
+            self.metrics = Metrics()
+            app = self.metrics.instrument(app)
         self.state = ServerState(config, app, app_state, self._loop, self._max_requests)
         limit = config.limit_max_requests
         if limit:  # each server (each worker process) draws its own jitter: they restart apart
@@ -139,6 +144,8 @@ class Server:
             await self._listen(sockets)
         except OSError as exc:
             logger.error("%s", exc)
+            for server in self.servers:  # the metrics listener, if the sockets failed after it
+                server.close()
             if lifespan is not None:
                 await lifespan.shutdown()
             return
@@ -164,6 +171,8 @@ class Server:
         factory: Callable[[], asyncio.Protocol] = functools.partial(H1Connection, self.state)
         if config.proxy_protocol:  # off: the factory is the connection itself, at no cost
             factory = proxy_protocol.connection_factory(self.state, config, ssl_context)
+        if self.metrics is not None and config.metrics_bind:
+            await self._listen_metrics(config.metrics_bind)
         owned = sockets is None
         if sockets is None:
             sockets = bind_sockets(config)
@@ -178,6 +187,16 @@ class Server:
             self.servers.append(server)
             if self.announce and (owned or sock.family != socket.AF_UNIX):
                 logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock, scheme))
+
+    async def _listen_metrics(self, address: str) -> None:
+        assert self.metrics is not None and self.state is not None
+        state = self.state
+        server = await start_endpoint(
+            address, self.metrics, lambda: len(state.connections), self.config.backlog
+        )
+        self.servers.append(server)
+        for sock in server.sockets:
+            logger.info("Metrics on %s/metrics", describe(sock, "http"))
 
     def _tick(self) -> None:
         """Once a second: refresh the date header and close timed-out connections."""

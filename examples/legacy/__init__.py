@@ -1,0 +1,1 @@
+"""Channels-style consumers, served with `--interface consumer` (see docs/behaviour.md)."""
