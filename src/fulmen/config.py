@@ -198,8 +198,8 @@ class Config:
     access_log: bool = option(True, "Log each request.", flag="--access-log/--no-access-log")
     metrics_bind: str | None = option(
         None,
-        "Serve Prometheus metrics at http://HOST:PORT/metrics (a second listener). One server "
-        "process only: not with --workers N.",
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (a second listener; with "
+        "--workers N, the supervisor serves the sum over the workers).",
         kind=str,
         metavar="HOST:PORT",
     )
@@ -335,11 +335,6 @@ class Config:
             raise ValueError("limit_max_requests_jitter must not be negative")
         if self.metrics_bind is not None:
             parse_address(self.metrics_bind)
-            if self.workers > 1:
-                raise ValueError(
-                    f"--metrics-bind and --workers {self.workers} cannot be used together: "
-                    "the metrics endpoint serves one server process"
-                )
 
     @property
     def trusted_hosts(self) -> list[str]:

@@ -5,12 +5,18 @@ application is wrapped (as `logging.timed_app` does for the access log's timing)
 HTTP request by status, the requests in flight and a histogram of their durations; the number
 of open connections is read from the server's state when scraped. A second, plain asyncio
 listener answers `GET /metrics` (one request per connection, then closed).
+
+With `--workers N` the supervisor serves the endpoint (`WorkerTotals`, `EndpointThread`): each
+worker sends a `snapshot` of its counters with every answer to a health check and a last one as
+it exits, and a scrape shows their sum, plus the supervisor's own count of replaced workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +30,10 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # A scraper gets this long to send its request head, of at most MAX_HEAD bytes.
 READ_TIMEOUT = 5.0
 MAX_HEAD = 8192
+
+# A worker's counters as sent to its supervisor: requests by status, requests in flight, the
+# histogram's per-bucket counts, its sum and count, and the open connections.
+Snapshot = tuple[dict[int, int], int, list[int], float, int, int]
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -82,6 +92,27 @@ class Metrics:
         self.duration_sum += seconds
         self.duration_count += 1
 
+    def snapshot(self, connections: int) -> Snapshot:
+        """These counters as plain, picklable values, with `connections` open connections."""
+        return (
+            dict(self.requests),
+            self.in_flight,
+            list(self.buckets),
+            self.duration_sum,
+            self.duration_count,
+            connections,
+        )
+
+    def add(self, snapshot: Snapshot) -> None:
+        """Add the counters of `snapshot` (not its gauges) to these."""
+        requests, _, buckets, duration_sum, duration_count, _ = snapshot
+        for status, count in requests.items():
+            self.requests[status] = self.requests.get(status, 0) + count
+        for index, count in enumerate(buckets[: len(self.buckets)]):
+            self.buckets[index] += count
+        self.duration_sum += duration_sum
+        self.duration_count += duration_count
+
     def render(self, connections: int) -> bytes:
         """The exposition text, with `connections` open connections."""
         lines = [
@@ -124,10 +155,53 @@ def _response(status: bytes, body: bytes, extra: bytes = b"", head: bool = False
     )  # fmt: skip
 
 
+class WorkerTotals:
+    """The supervisor's sum over its workers: the latest snapshot of each live worker, plus the
+    final counts of the workers gone, so that the sum never goes back when a worker leaves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the supervisor writes, the endpoint's thread reads
+        self._live: dict[int, Snapshot] = {}
+        self._retired = Metrics()
+
+    def update(self, pid: int, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._live[pid] = snapshot
+
+    def retire(self, pid: int) -> None:
+        """Worker `pid` is gone: its last counts stay in the sum, its gauges leave it."""
+        with self._lock:
+            snapshot = self._live.pop(pid, None)
+            if snapshot is not None:
+                self._retired.add(snapshot)
+
+    def restarted(self) -> None:
+        with self._lock:
+            self._retired.worker_restarts += 1
+
+    def render(self) -> bytes:
+        with self._lock:
+            total = Metrics()
+            total.add(self._retired.snapshot(0))
+            total.worker_restarts = self._retired.worker_restarts
+            connections = 0
+            for snapshot in self._live.values():
+                total.add(snapshot)
+                total.in_flight += snapshot[1]
+                connections += snapshot[5]
+        return total.render(connections)
+
+
 def scrape_handler(
     metrics: Metrics, connections: Callable[[], int]
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
     """The `asyncio.start_server` callback answering `GET /metrics` with `metrics`."""
+    return _handler(lambda: metrics.render(connections()))
+
+
+def _handler(
+    render: Callable[[], bytes],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -139,7 +213,7 @@ def scrape_handler(
             elif method not in (b"GET", b"HEAD"):
                 response = _response(b"405 Method Not Allowed", b"", b"allow: GET, HEAD\r\n")
             else:
-                body = metrics.render(connections())
+                body = render()
                 response = _response(b"200 OK", body, head=method == b"HEAD")
             writer.write(response)
             await writer.drain()
@@ -164,3 +238,40 @@ async def start_endpoint(
     except BaseException:  # pragma: no cover - a bound, listening socket is always accepted
         sock.close()
         raise
+
+
+class EndpointThread(threading.Thread):
+    """The endpoint of a process without an event loop (the supervisor of `--workers`): its
+    own loop in a thread, so that a slow scraper never delays supervision. The socket is bound
+    by the constructor, in the caller's thread, so that a taken address fails there."""
+
+    def __init__(self, address: str, render: Callable[[], bytes], backlog: int) -> None:
+        super().__init__(name="fulmen-metrics", daemon=True)
+        host, port = parse_address(address)
+        self.socket: socket.socket = bind_tcp(host, port, backlog)
+        self._render = render
+        self._loop = asyncio.new_event_loop()
+        self._stopped = asyncio.Event()
+
+    def run(self) -> None:
+        loop = self._loop
+        try:
+            loop.run_until_complete(self._serve())
+            tasks = asyncio.all_tasks(loop)  # scrapes under way: cancelled
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(
+            _handler(self._render), sock=self.socket, limit=MAX_HEAD
+        )
+        await self._stopped.wait()
+        server.close()
+
+    def stop(self) -> None:
+        """Close the endpoint and wait for the thread (a started one)."""
+        self._loop.call_soon_threadsafe(self._stopped.set)
+        self.join()

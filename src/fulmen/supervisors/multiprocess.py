@@ -18,6 +18,10 @@ talks to it over one pipe:
 Signals (gunicorn's arbiter has the same): SIGINT/SIGTERM stop every worker gracefully (a second
 SIGINT is passed on, forcing them out); SIGHUP restarts the workers one at a time, each new one
 serving before its predecessor is asked to stop; SIGTTIN/SIGTTOU add/remove a worker.
+
+With `--metrics-bind`, the supervisor serves the endpoint (from a thread, `EndpointThread`):
+each worker sends its counters with every PONG and once more as it exits, and every worker
+replaced (died, hung, recycled, SIGHUP) counts in `fulmen_worker_restarts_total`.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ from typing import Any
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
 from fulmen.logging import configure_from
+from fulmen.metrics import EndpointThread, WorkerTotals
 from fulmen.server import Server
-from fulmen.sockets import remove_socket_files
+from fulmen.sockets import describe, remove_socket_files
 from fulmen.supervisors import listen_once
 
 logger = logging.getLogger("fulmen.error")
 
 READY, PING, PONG, EXITING = "ready", "ping", "pong", "exiting"
+# With --metrics-bind, PONG is sent as (PONG, snapshot); a worker leaving sends (FINAL, snapshot).
+FINAL = "final"
 STARTUP_FAILURE = 3
 # Beyond --timeout-graceful-shutdown, a stopping worker gets this long before it is killed:
 # the server's own wait for the requests it cancels at the timeout (server.shutdown).
@@ -96,18 +103,31 @@ class WorkerServer(Server):
         try:
             while self._conn.poll():
                 if self._conn.recv() == PING:
-                    self._conn.send(PONG)
+                    self._conn.send(self._with_metrics(PONG))
         except (EOFError, OSError):  # the supervisor is gone: never outlive it
             assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
             logger.error("The supervisor process is gone. Shutting down.")
             self.should_exit = True
 
+    def _with_metrics(self, message: str) -> Any:
+        if self.metrics is None or self.state is None:
+            return message
+        return (message, self.metrics.snapshot(len(self.state.connections)))
+
+    async def _listen_metrics(self, address: str) -> None:
+        pass  # the supervisor serves the sum over the workers
+
+    def send_final_metrics(self) -> None:
+        """As it exits: the counts since the last PONG are not lost."""
+        if self.metrics is not None:
+            self._send(self._with_metrics(FINAL))
+
     def _max_requests(self) -> None:
         super()._max_requests()
         self._send(EXITING)  # the supervisor starts a replacement now, not after the drain
 
-    def _send(self, message: str) -> None:
+    def _send(self, message: Any) -> None:
         with contextlib.suppress(OSError):
             self._conn.send(message)
 
@@ -123,6 +143,7 @@ def worker_main(config: Config, sockets: list[socket.socket], conn: Connection) 
     server = WorkerServer(config, conn)
     try:
         server.run(sockets=sockets)
+        server.send_final_metrics()
     except ImportFromStringError as exc:
         logger.error("Error loading ASGI app. %s", exc)
         sys.exit(1)
@@ -197,6 +218,7 @@ class Multiprocess:
         self.ping_interval = min(1.0, config.timeout_worker_healthcheck / 2)
         self._signals: list[int] = []
         self._context = multiprocessing.get_context("spawn")
+        self.totals: WorkerTotals | None = None  # --metrics-bind
 
     def run(self) -> int:
         """Supervise until stopped; the exit status (1: import error, 3: startup failure)."""
@@ -213,12 +235,27 @@ class Multiprocess:
         except OSError as exc:
             logger.error("%s", exc)
             return STARTUP_FAILURE
+        endpoint = None
+        if config.metrics_bind:
+            self.totals = totals = WorkerTotals()
+            try:
+                endpoint = EndpointThread(config.metrics_bind, totals.render, config.backlog)
+            except OSError as exc:
+                logger.error("%s", exc)
+                for sock in self.sockets:
+                    sock.close()
+                remove_socket_files(files)
+                return STARTUP_FAILURE
+            endpoint.start()
+            logger.info("Metrics on %s/metrics", describe(endpoint.socket, "http"))
         logger.info("Started parent process [%d]", os.getpid())
         wakeup_r, wakeup_w = socket.socketpair()
         previous = self._install_signal_handlers(wakeup_w)
         try:
             self._loop(wakeup_r)
         finally:
+            if endpoint is not None:
+                endpoint.stop()
             signal.set_wakeup_fd(-1)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -288,8 +325,12 @@ class Multiprocess:
             worker.conn.close()
             worker.conn = None
 
-    def _on_message(self, worker: Worker, message: str) -> None:
+    def _on_message(self, worker: Worker, message: Any) -> None:
         now = time.monotonic()
+        if isinstance(message, tuple):  # with --metrics-bind: (PONG or FINAL, snapshot)
+            message, snapshot = message
+            if self.totals is not None:
+                self.totals.update(worker.pid, snapshot)
         if message == PONG:
             worker.ping_sent = None
             worker.next_ping = now + self.ping_interval
@@ -300,19 +341,25 @@ class Multiprocess:
             old = worker.replaces
             worker.replaces = None
             if old is not None and old in self.workers and not old.stopping:
+                self._restarted()
                 self._stop(old, f"replaced by [{worker.pid}]")
         elif message == EXITING and not worker.stopping:
             logger.info(
                 "Worker process [%d] reached its request limit; starting a replacement.",
                 worker.pid,
             )
+            self._restarted()
             self._mark_stopping(worker)
 
     def _reap(self, worker: Worker) -> None:
         worker.process.join()
         self.workers.remove(worker)
         if worker.conn is not None:
+            self._read(worker)  # its last messages (final metrics), if not read yet
+        if worker.conn is not None:
             worker.conn.close()
+        if self.totals is not None:
+            self.totals.retire(worker.pid)
         code = worker.process.exitcode
         worker.process.close()
         if self.stopping_all or worker.stopping:
@@ -325,6 +372,7 @@ class Multiprocess:
                 worker.pid,
                 _exit_reason(code),
             )
+            self._restarted()
 
     def _startup_failed(self, worker: Worker, code: int | None) -> None:
         if worker.replaces is not None:
@@ -363,6 +411,7 @@ class Multiprocess:
                     worker.pid,
                     timeout,
                 )
+                self._restarted()
                 self._kill(worker)
             elif worker.ping_sent is None and now >= worker.next_ping:
                 try:
@@ -405,6 +454,11 @@ class Multiprocess:
         process.start()
         child_conn.close()
         self.workers.append(Worker(process, parent_conn, self.generation, replaces))
+
+    def _restarted(self) -> None:
+        """A worker is being replaced: counted for `fulmen_worker_restarts_total`."""
+        if self.totals is not None:
+            self.totals.restarted()
 
     def _mark_stopping(self, worker: Worker) -> None:
         worker.stopping = True
