@@ -19,7 +19,7 @@ from fulmen.logging import TRACE_LEVEL
 from fulmen.middleware.message_logger import MessageLogger, message_repr
 from tests.conftest import TIMEOUT, RunningServer, recv_response
 from tests.helpers import Fulmen, record_logs
-from tests.protocols.http1_raw import poll_until
+from tests.protocols.http1_raw import poll_until, read_body
 
 
 async def echo_app(scope: Any, receive: Any, send: Any) -> None:
@@ -39,12 +39,7 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
                 return
     if scope["path"] == "/boom":
         raise RuntimeError("boom\nFAKE LINE")
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": body})
 
