@@ -12,16 +12,21 @@ import contextlib
 import gc
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from fulmen import Config, Server
 from fulmen.loops import loop_factory
 
 TIMEOUT = 10.0  # the bound on every wait in the tests
+PASSWORD = "correct horse"  # of the test key's encrypted form (`Certs.encrypted_key`)
 
 
 class RecordingHandler(logging.Handler):
@@ -201,3 +206,57 @@ def recv_response(sock: socket.socket) -> bytes:
             break
         rest += chunk
     return head + b"\r\n\r\n" + rest
+
+
+@dataclass
+class Certs:
+    ca: trustme.CA
+    ca_file: str
+    cert: str  # the server's certificate (localhost, 127.0.0.1, ::1)
+    key: str
+    combined: str  # certificate and key in one file
+    encrypted_key: str  # `key`, encrypted with PASSWORD
+    other_key: str  # a key that belongs to another certificate
+    junk: str  # not PEM at all
+    client: trustme.LeafCert  # a client certificate from `ca`
+    stranger: trustme.LeafCert  # a client certificate from another CA
+
+    def context(self, client_cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+        """A client context trusting the test CA, optionally presenting a certificate."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if client_cert is not None:
+            client_cert.configure_cert(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A test CA, the server's certificate and key in several forms, and client certificates."""
+    root = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+
+    def write(name: str, data: bytes) -> str:
+        path = root / name
+        path.write_bytes(data)
+        return str(path)
+
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(PASSWORD.encode()),
+    )
+    chain = b"".join(pem.bytes() for pem in leaf.cert_chain_pems)
+    return Certs(
+        ca=ca,
+        ca_file=write("ca.pem", ca.cert_pem.bytes()),
+        cert=write("cert.pem", chain),
+        key=write("key.pem", leaf.private_key_pem.bytes()),
+        combined=write("combined.pem", leaf.private_key_and_cert_chain_pem.bytes()),
+        encrypted_key=write("encrypted.pem", encrypted),
+        other_key=write("other.pem", ca.issue_cert("other.test").private_key_pem.bytes()),
+        junk=write("junk.pem", b"not a certificate\n"),
+        client=ca.issue_cert("client@example.com"),
+        stranger=trustme.CA().issue_cert("client@example.com"),
+    )

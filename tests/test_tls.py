@@ -12,75 +12,17 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import trustme
-from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import connect as ws_connect
 
 from fulmen import Config
 from fulmen.tls import ALPN_PROTOCOLS, TLSError, create_ssl_context
-from tests.conftest import TIMEOUT
+from tests.conftest import PASSWORD, TIMEOUT, Certs
 from tests.helpers import Fulmen, messages, record_logs, run_fulmen
-
-PASSWORD = "correct horse"
-
-
-@dataclass
-class Certs:
-    ca: trustme.CA
-    ca_file: str
-    cert: str  # the server's certificate (localhost, 127.0.0.1, ::1)
-    key: str
-    combined: str  # certificate and key in one file
-    encrypted_key: str  # `key`, encrypted with PASSWORD
-    other_key: str  # a key that belongs to another certificate
-    junk: str  # not PEM at all
-    client: trustme.LeafCert  # a client certificate from `ca`
-    stranger: trustme.LeafCert  # a client certificate from another CA
-
-    def context(self, client_cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
-        """A client context trusting the test CA, optionally presenting a certificate."""
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if client_cert is not None:
-            client_cert.configure_cert(context)
-        return context
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    root = tmp_path_factory.mktemp("certs")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-
-    def write(name: str, data: bytes) -> str:
-        path = root / name
-        path.write_bytes(data)
-        return str(path)
-
-    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
-    encrypted = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(PASSWORD.encode()),
-    )
-    chain = b"".join(pem.bytes() for pem in leaf.cert_chain_pems)
-    return Certs(
-        ca=ca,
-        ca_file=write("ca.pem", ca.cert_pem.bytes()),
-        cert=write("cert.pem", chain),
-        key=write("key.pem", leaf.private_key_pem.bytes()),
-        combined=write("combined.pem", leaf.private_key_and_cert_chain_pem.bytes()),
-        encrypted_key=write("encrypted.pem", encrypted),
-        other_key=write("other.pem", ca.issue_cert("other.test").private_key_pem.bytes()),
-        junk=write("junk.pem", b"not a certificate\n"),
-        client=ca.issue_cert("client@example.com"),
-        stranger=trustme.CA().issue_cert("client@example.com"),
-    )
 
 
 async def scheme_app(scope: Any, receive: Any, send: Any) -> None:

@@ -26,6 +26,7 @@ from fulmen.metrics import Metrics, start_endpoint
 from fulmen.middleware.message_logger import log_messages
 from fulmen.protocols import proxy_protocol
 from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols.proxy_tls import ProxyTLSListener
 from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
 from fulmen.tls import create_ssl_context
@@ -170,7 +171,7 @@ class Server:
         scheme = "http" if ssl_context is None else "https"
         factory: Callable[[], asyncio.Protocol] = functools.partial(H1Connection, self.state)
         if config.proxy_protocol:  # off: the factory is the connection itself, at no cost
-            factory = proxy_protocol.connection_factory(self.state, config, ssl_context)
+            factory = proxy_protocol.connection_factory(self.state, config)
         if self.metrics is not None and config.metrics_bind:
             await self._listen_metrics(config.metrics_bind)
         owned = sockets is None
@@ -178,7 +179,10 @@ class Server:
             sockets = bind_sockets(config)
             self._socket_files = socket_files(config, sockets)
         for sock in sockets:
-            if sock.family == socket.AF_UNIX:
+            server: asyncio.AbstractServer
+            if config.proxy_protocol and ssl_context is not None:  # the header comes before TLS
+                server = ProxyTLSListener(self.state, config, sock, ssl_context)
+            elif sock.family == socket.AF_UNIX:
                 server = await self._loop.create_unix_server(factory, sock=sock, **tls)
             else:
                 server = await self._loop.create_server(

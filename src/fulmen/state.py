@@ -19,11 +19,15 @@ from fulmen.types import ASGIApp
 access_logger = logging.getLogger("fulmen.access")
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 class Connection(Protocol):
     """What the server needs of an open connection (HTTP/1.1 or WebSocket)."""
 
     @property
-    def transport(self) -> asyncio.Transport: ...
+    def transport(self) -> Abortable: ...
 
     def check_timeout(self, now: float) -> None: ...
 

@@ -15,7 +15,7 @@ import trustme
 
 from fulmen.protocols.proxy_protocol import ProxyProtocolError, parse
 from tests.conftest import TIMEOUT, recv_until_closed
-from tests.helpers import Fulmen, clean_env, run_fulmen
+from tests.helpers import Fulmen, clean_env
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -23,7 +23,9 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 async def client_app(scope: Any, receive: Any, send: Any) -> None:
     """Answers (HTTP or WebSocket) with the scope's client and server as JSON."""
-    body = json.dumps({"client": scope["client"], "server": scope["server"]})
+    body = json.dumps(
+        {"client": scope["client"], "server": scope["server"], "scheme": scope["scheme"]}
+    )
     if scope["type"] == "websocket":
         await receive()
         await send({"type": "websocket.accept"})
@@ -253,42 +255,39 @@ def test_off_by_default_plain_http(serve_one: Any) -> None:
         )
 
 
-def test_tls_is_a_startup_error(tmp_path: Any) -> None:
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+
+
+def _tls_options(tmp_path: Any) -> tuple[str, ...]:
     cert = trustme.CA().issue_cert("localhost")
     certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(certfile))
     cert.private_key_pem.write_to_path(str(keyfile))
-    result = run_fulmen(
-        "tests.apps:app",
-        "--port=0",
-        "--proxy-protocol",
-        f"--ssl-certfile={certfile}",
-        f"--ssl-keyfile={keyfile}",
-    )
-    assert result.returncode == 3
-    assert "--proxy-protocol cannot be used with TLS" in result.stderr
-    assert "Fulmen running on" not in result.stderr
-
-
-HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+    return f"--ssl-certfile={certfile}", f"--ssl-keyfile={keyfile}"
 
 
 @pytest.mark.haproxy
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
-def test_behind_haproxy_send_proxy_v2(tmp_path: Any) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_behind_haproxy_send_proxy_v2(tmp_path: Any, tls: bool) -> None:
+    """HAProxy in TCP mode: the PROXY v2 header, then the client's bytes (or HAProxy's own TLS
+    to fulmen: `ssl` on the server line, the header in clear before the handshake)."""
     assert HAPROXY is not None
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         front = probe.getsockname()[1]
     env = clean_env(FULMEN_PROXY_PROTOCOL="true")
-    with Fulmen("tests.protocols.test_proxy_protocol:client_app", "--port=0", env=env) as srv:
+    options = _tls_options(tmp_path) if tls else ()
+    app = "tests.protocols.test_proxy_protocol:client_app"
+    with Fulmen(app, "--port=0", *options, env=env) as srv:
         config = tmp_path / "haproxy.cfg"
         config.write_text(
             "global\n  maxconn 100\n"
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n"
             "  timeout server 10s\n"
             f"frontend front\n  bind 127.0.0.1:{front}\n  default_backend fulmen\n"
-            f"backend fulmen\n  server f 127.0.0.1:{srv.port} send-proxy-v2\n"
+            f"backend fulmen\n  server f 127.0.0.1:{srv.port} send-proxy-v2"
+            + (" ssl verify none\n" if tls else "\n")
         )
         haproxy = subprocess.Popen(
             [HAPROXY, "-db", "-f", str(config)],
@@ -307,6 +306,7 @@ def test_behind_haproxy_send_proxy_v2(tmp_path: Any) -> None:
     got = json.loads(response.partition(b"\r\n\r\n")[2])
     # The client's own port, not HAProxy's outgoing one: the address came from the header.
     assert got["client"] == ["127.0.0.1", local_port]
+    assert got["scheme"] == ("https" if tls else "http")
 
 
 def _connect_when_listening(port: int) -> socket.socket:

@@ -18,7 +18,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import ssl
 import struct
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,7 +26,6 @@ from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols.http1 import H1Connection
 from fulmen.state import ServerState
-from fulmen.tls import TLSError
 
 logger = logging.getLogger("fulmen.error")
 
@@ -85,6 +83,11 @@ class ProxiedTransport(asyncio.Transport):
         if name == "peername":
             return self._peername
         return self._transport.get_extra_info(name, default)
+
+
+def peer_address(peer: Any) -> tuple[str, int] | None:
+    """The balancer's address as `ProxyHeaders.trusts` takes it: None for a Unix socket peer."""
+    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
 
 def parse(data: bytes) -> tuple[Peer, int] | None:
@@ -186,8 +189,7 @@ class ProxyProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         state = self.state
         self.deadline = state.clock + state.timeout_request_header
-        peer = transport.get_extra_info("peername")
-        address = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        address = peer_address(transport.get_extra_info("peername"))
         if state.shutting_down or not self.trusted.trusts(address):
             self._refuse("PROXY protocol connection from an untrusted peer")
             return
@@ -236,16 +238,8 @@ class ProxyProtocol(asyncio.Protocol):
             conn.data_received(rest)
 
 
-def connection_factory(
-    state: ServerState, config: Config, ssl_context: ssl.SSLContext | None
-) -> Callable[[], ProxyProtocol]:
-    """The server's protocol factory with `--proxy-protocol` on."""
-    if ssl_context is not None:
-        # asyncio starts TLS as soon as it accepts, but the PROXY header comes before the
-        # handshake: the two cannot be combined on one listener (yet). Nothing is bound.
-        raise TLSError(
-            "--proxy-protocol cannot be used with TLS (--ssl-certfile): terminate TLS at the "
-            "balancer, or in front of fulmen"
-        )
+def connection_factory(state: ServerState, config: Config) -> Callable[[], ProxyProtocol]:
+    """The server's protocol factory with `--proxy-protocol` on, without TLS (with TLS, see
+    `proxy_tls`)."""
     trusted = ProxyHeaders(config.trusted_hosts)
     return lambda: ProxyProtocol(state, trusted)
