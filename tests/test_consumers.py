@@ -8,29 +8,68 @@ import threading
 import httpx
 import pytest
 
-from examples.legacy import echo_async, hello_sync, stream_async
-from fulmen.consumers import BodyChannel, ConsumerMiddleware
+from examples.legacy import content_length_sync, echo_async, hello_sync, stream_async
+from fulmen.consumers import ConsumerMiddleware
+from fulmen.consumers.channels import BodyChannel
 from fulmen.interfaces import adapt, detect_interface
-from tests.conftest import TIMEOUT, recv_until_closed
+from tests.conftest import TIMEOUT, recv_response, recv_until_closed
 from tests.helpers import Fulmen, clean_env, messages, record_logs
 
 
+def serve_example(target: str, *options: str) -> Fulmen:
+    """`python -m fulmen TARGET --port 0 --lifespan off OPTIONS`: an example, unmodified."""
+    return Fulmen(target, "--port", "0", "--lifespan", "off", *options, env=clean_env())
+
+
+def get_from_example(target: str, path: str, *options: str) -> httpx.Response:
+    """`GET path` from the example `target` run through the CLI."""
+    with serve_example(target, *options) as server:
+        return httpx.get(f"{server.url}{path}", timeout=TIMEOUT)
+
+
 def test_sync_example_through_the_cli() -> None:
-    args = ("examples.legacy.hello_sync:hello_world", "--interface", "consumer", "--port", "0")
-    with Fulmen(*args, "--lifespan", "off", env=clean_env()) as server:
-        response = httpx.get(f"{server.url}/there?fulmen", timeout=TIMEOUT)
+    target = "examples.legacy.hello_sync:hello_world"
+    response = get_from_example(target, "/there?fulmen", "--interface", "consumer")
     assert response.status_code == 200
     assert response.text == "Hello, fulmen! (GET /there)"
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
 
 
 def test_async_example_auto_detected_through_the_cli() -> None:
-    args = ("examples.legacy.echo_async:app", "--port", "0", "--lifespan", "on")
-    with Fulmen(*args, env=clean_env()) as server:  # no lifespan scope for consumers
+    with serve_example("examples.legacy.echo_async:app", "--lifespan", "on") as server:
+        # --lifespan on, yet no lifespan scope is sent to consumers
         response = httpx.post(server.url, content=b"echo me", timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.content == b"echo me"
     assert "lifespan" not in server.stderr.text
+
+
+def test_streaming_example_through_the_cli() -> None:
+    response = get_from_example("examples.legacy.stream_async:app", "/?2")
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert response.text == "start\nline 0\nline 1\nend\n"
+
+
+def test_content_length_example_through_the_cli() -> None:
+    target = "examples.legacy.content_length_sync:consumer"
+    with serve_example(target, "--interface", "consumer") as server:
+        response = httpx.post(f"{server.url}/json", content=b"12345", timeout=TIMEOUT)
+    assert response.json() == {"method": "POST", "path": "/json", "received": 5}
+    assert response.headers["content-length"] == str(len(response.content))
+    assert "transfer-encoding" not in response.headers
+
+
+def test_content_length_example(serve) -> None:
+    with serve(content_length_sync.consumer, interface="consumer") as srv, srv.connect() as sock:
+        answers = []
+        for path in ("/a", "/b"):  # one connection, kept alive
+            sock.sendall(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            answers.append((recv_response(sock), path))
+    for data, path in answers:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"content-length: %d" % len(body) in head
+        assert body == b'{"method": "GET", "path": "%s", "received": 0}' % path.encode()
 
 
 def test_async_echo_reads_a_streamed_body(serve) -> None:
@@ -139,21 +178,30 @@ async def never_replies(message, channels):
     return None
 
 
+def sync_never_replies(message):
+    message["reply_channel"].send({"content": b"half", "more_content": True})
+
+
 @pytest.mark.parametrize(
     ("app", "error"),
     [
         (never_replies, "returned before its response was complete"),
         (replies_twice, "Reply sent after the response was complete"),
+        (sync_never_replies, "returned before its response was complete"),
     ],
 )
 def test_consumer_errors_are_logged(app, error, serve_one, monkeypatch) -> None:
-    with record_logs(monkeypatch) as logs, serve_one(app) as srv:
-        response = httpx.get(srv.url, timeout=TIMEOUT)
+    with record_logs(monkeypatch) as logs, serve_one(app, interface="consumer") as srv:
+        if app is sync_never_replies:
+            with pytest.raises(httpx.RemoteProtocolError):  # the body is cut short
+                httpx.get(srv.url, timeout=TIMEOUT)
+        else:
+            response = httpx.get(srv.url, timeout=TIMEOUT)
     text = "\n".join(messages(logs))
     assert "Exception in ASGI application" in text
     if app is never_replies:
         assert response.status_code == 500
-    else:
+    elif app is replies_twice:
         assert response.text == "one"
     assert any(error in str(r.exc_info[1]) for r in logs.records if r.exc_info)
 
@@ -165,16 +213,6 @@ def test_response_cut_short_closes_the_connection(serve_one, monkeypatch) -> Non
     assert data.startswith(b"HTTP/1.1 200")
     assert b"part" in data
     assert not data.endswith(b"0\r\n\r\n")  # no terminating chunk: the body is truncated
-
-
-def test_websocket_handshake_is_refused(serve_one) -> None:
-    with serve_one(echo_async.app) as srv, srv.connect() as sock:
-        sock.sendall(
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        data = recv_until_closed(sock)
-    assert data.startswith(b"HTTP/1.1 403")
 
 
 def test_lifespan_scope_raises() -> None:

@@ -1,0 +1,52 @@
+"""`ConsumerMiddleware`: a channels-style consumer served as an ASGI 3 application."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fulmen.consumers.http import serve_async, serve_sync
+from fulmen.consumers.websocket import serve_websocket
+from fulmen.types import Receive, Scope, Send
+
+
+class ConsumerMiddleware:
+    """Serve a channels-style consumer as ASGI3; `asynchronous` picks the two shapes.
+
+    HTTP requests and WebSockets are served; any other scope (lifespan) raises, so
+    `--lifespan auto` reports lifespan as unsupported.
+    """
+
+    def __init__(self, app: Callable[..., Any], asynchronous: bool, workers: int = 10) -> None:
+        self.app = app
+        self.asynchronous = asynchronous
+        self.executor: ThreadPoolExecutor | None = None
+        if not asynchronous:
+            self.executor = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="fulmen-consumer"
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if self.asynchronous:
+                await serve_async(self.app, scope, receive, send)
+            else:
+                await serve_sync(self.run, scope, receive, send)
+        elif kind == "websocket":
+            await serve_websocket(self.call, self.asynchronous, scope, receive, send)
+        else:
+            raise RuntimeError(f"Consumers cannot serve scope type {kind!r}")
+
+    async def call(self, message: dict[str, Any], channels: dict[str, Any]) -> None:
+        """Call the consumer with one message: on the loop, or in the pool (sync form)."""
+        if self.asynchronous:
+            await self.app(message, channels)
+        else:
+            await self.run(message)
+
+    async def run(self, message: dict[str, Any]) -> None:
+        """Run the sync consumer with `message` in a worker thread."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.app, message)
