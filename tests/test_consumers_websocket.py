@@ -68,7 +68,8 @@ def make_consumer(shape: str, handle: Handle) -> Callable[..., Any]:
         return sync_consumer
 
     async def async_consumer(message: dict[str, Any], channels: dict[str, Any]) -> None:
-        assert set(channels) == {"reply"} and message["reply_channel"] is channels["reply"]
+        assert set(channels) == {"reply", "groups"}
+        assert message["reply_channel"] is channels["reply"]
         for reply in handle(message):
             await channels["reply"].send(reply)
 

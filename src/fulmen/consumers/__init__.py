@@ -10,9 +10,11 @@ The two shapes of the 2017-era "message/channels" documentation:
 
 HTTP requests come as one `http.request` message (the async form reads the rest of the body from
 `channels['body']`); WebSockets as one message per event (`websocket.connect`,
-`websocket.receive`, `websocket.disconnect`). The modules: `formats` (messages and replies),
-`channels` (reply and body channels, the outbox), `layer` (`channel_layer`), `http` and
-`websocket` (serving one request or connection), `middleware` (`ConsumerMiddleware`).
+`websocket.receive`, `websocket.disconnect`). Reply channels can join named groups, and a
+reply sent to a group goes to each member (`channels['groups']`, or the `channel_layer` group
+methods of the sync form). The modules: `formats` (messages and replies), `channels` (reply and
+body channels, the outbox), `layer` (`channel_layer`), `groups` (the group registry), `http`
+and `websocket` (serving one request or connection), `middleware` (`ConsumerMiddleware`).
 """
 
 from fulmen.consumers.middleware import ConsumerMiddleware

@@ -4,11 +4,13 @@ A reply channel turns reply dicts into ASGI messages with a translator (`formats
 `formats.WebSocketReply`). The async form sends them at once. The sync form goes through an
 `Outbox`, so that a reply sent on the event loop thread (by work a sync consumer deferred there)
 can be queued instead of blocking the loop, and replies still leave in the order they were sent.
+Each reply channel has a `name`, unique in the process, by which it joins groups (`groups`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -26,19 +28,27 @@ class Translator(Protocol):
     def messages(self, reply: Reply) -> list[Message]: ...
 
 
+def reply_channel_name() -> str:
+    """A new reply channel name: 96 random bits, so names are unique and cannot be guessed."""
+    return f"reply.{secrets.token_hex(12)}"
+
+
 class ReplyChannel:
     """`channels['reply']` of the async form (also its `message['reply_channel']`):
     `await channel.send(reply)`."""
 
-    __slots__ = ("_send", "_translator")
+    __slots__ = ("_send", "_translator", "name")
 
     def __init__(self, translator: Translator, send: Send) -> None:
         self._translator = translator
         self._send = send
+        self.name = reply_channel_name()
 
     async def send(self, reply: Reply) -> None:
         for message in self._translator.messages(reply):
             await self._send(message)
+
+    put = send  # as a group member
 
 
 class Outbox:
@@ -67,11 +77,11 @@ class Outbox:
         if self._task is None:
             self._task = self._loop.create_task(self._drain())
 
-    async def send(self, messages: list[Message]) -> None:
-        """Queue `messages` and wait until they are sent (the server's flow control applies)."""
+    def queue(self, messages: list[Message]) -> asyncio.Future[None]:
+        """Queue `messages`; the future is done once they are sent (flow control applies)."""
         sent = self._loop.create_future()
         self.put(messages, sent)
-        await sent
+        return sent
 
     async def _drain(self) -> None:
         items = self._items
@@ -105,7 +115,7 @@ class SyncReplyChannel:
     at once: blocking there would stop the loop that has to send it.
     """
 
-    __slots__ = ("_loop", "_outbox", "_translator")
+    __slots__ = ("_loop", "_outbox", "_translator", "name")
 
     def __init__(
         self, translator: Translator, outbox: Outbox, loop: asyncio.AbstractEventLoop
@@ -113,16 +123,21 @@ class SyncReplyChannel:
         self._translator = translator
         self._outbox = outbox
         self._loop = loop
+        self.name = reply_channel_name()
 
     def send(self, reply: Reply) -> None:
         if on_loop(self._loop):
             self._outbox.put(self._translator.messages(reply))
         else:
-            asyncio.run_coroutine_threadsafe(self.put(reply), self._loop).result()
+            asyncio.run_coroutine_threadsafe(self._sent(reply), self._loop).result()
 
-    async def put(self, reply: Reply) -> None:
-        """Send `reply` after the replies queued before it, and wait until it is sent."""
-        await self._outbox.send(self._translator.messages(reply))
+    def put(self, reply: Reply) -> asyncio.Future[None]:
+        """Queue `reply` after the replies queued before it (on the loop thread, where it
+        returns at once); the future is done once it is sent."""
+        return self._outbox.queue(self._translator.messages(reply))
+
+    async def _sent(self, reply: Reply) -> None:
+        await self.put(reply)
 
 
 class BodyChannel:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fulmen.consumers.channels import BodyChannel, Outbox, ReplyChannel, SyncReplyChannel
 from fulmen.consumers.formats import HTTPReply, request_message
+from fulmen.consumers.groups import Groups
 from fulmen.consumers.layer import ChannelLayer
 from fulmen.types import Receive, Scope, Send
 
@@ -15,27 +16,42 @@ _INCOMPLETE = "The consumer returned before its response was complete"
 
 
 async def serve_async(
-    app: Callable[..., Awaitable[None]], scope: Scope, receive: Receive, send: Send
+    app: Callable[..., Awaitable[None]], groups: Groups, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """`await app(message, channels)` on the loop, with the first body chunk in the message."""
+    """`await app(message, channels)` on the loop, with the first body chunk in the message.
+
+    A consumer whose reply channel is in a group may leave its response to the group's
+    messages: its response is then awaited after it returns.
+    """
     first = await receive()
     more = first["type"] == "http.request" and bool(first.get("more_body", False))
     message = request_message(scope, first.get("body", b""), more)
     reply = HTTPReply()
     channel = ReplyChannel(reply, send)
     message["reply_channel"] = channel
-    await app(message, {"reply": channel, "body": BodyChannel(receive, more)})
-    if not reply.complete:
-        raise RuntimeError(_INCOMPLETE)
+    channels = {"reply": channel, "body": BodyChannel(receive, more), "groups": groups.channel}
+    with groups.serving(channel):
+        await app(message, channels)
+        if reply.complete:
+            return
+        if not groups.joined(channel.name):
+            raise RuntimeError(_INCOMPLETE)
+        if await _read_body(receive) is not None:  # the rest of a body the consumer left
+            await receive()  # http.disconnect: the response is complete or the client left
 
 
 async def serve_sync(
-    run: Callable[[dict[str, Any]], Awaitable[None]], scope: Scope, receive: Receive, send: Send
+    run: Callable[[dict[str, Any]], Awaitable[None]],
+    groups: Groups,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
     """`run(message)` in a worker thread, with the whole body in the message.
 
-    A consumer that read `message['channel_layer'].loop` may leave its reply to work it
-    scheduled there: its response is then awaited after it returns.
+    A consumer that read `message['channel_layer'].loop`, or whose reply channel is in a group,
+    may leave its reply to work it scheduled there or to the group's messages: its response is
+    then awaited after it returns.
     """
     body = await _read_body(receive)
     if body is None:
@@ -43,17 +59,19 @@ async def serve_sync(
     loop = asyncio.get_running_loop()
     reply = HTTPReply()
     outbox = Outbox(send, loop)
-    layer = ChannelLayer(loop)
+    layer = ChannelLayer(loop, groups)
+    channel = SyncReplyChannel(reply, outbox, loop)
     message = request_message(scope, body, False)
-    message["reply_channel"] = SyncReplyChannel(reply, outbox, loop)
+    message["reply_channel"] = channel
     message["channel_layer"] = layer
-    await run(message)
-    if layer.used:
-        await _until_answered(receive, outbox, layer)
-    elif outbox.error is not None:
-        raise outbox.error
-    elif not reply.complete:
-        raise RuntimeError(_INCOMPLETE)
+    with groups.serving(channel):
+        await run(message)
+        if layer.used or groups.joined(channel.name):
+            await _until_answered(receive, outbox, layer)
+        elif outbox.error is not None:
+            raise outbox.error
+        elif not reply.complete:
+            raise RuntimeError(_INCOMPLETE)
 
 
 async def _read_body(receive: Receive) -> bytes | None:

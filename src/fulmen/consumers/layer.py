@@ -4,6 +4,8 @@ Era consumers did `loop = message['channel_layer'].loop; loop.create_task(work(m
 returned; `work` replied later, on the event loop, with the synchronous
 `message['reply_channel'].send(...)`. fulmen runs sync consumers in worker threads, so `.loop` is
 a `LoopProxy`: scheduling through it is safe from the worker thread and from the loop itself.
+The layer also offers the ASGI 1 "groups" extension (`group_add`, `group_discard`,
+`send_group`) over the middleware's `groups.Groups`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+
+from fulmen.consumers.formats import Reply
+from fulmen.consumers.groups import Groups
 
 T = TypeVar("T")
 
@@ -114,16 +119,36 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
 
 
 class ChannelLayer:
-    """`message['channel_layer']` of a sync consumer; only `.loop` is offered.
+    """`message['channel_layer']` of a sync consumer: `.loop` and the groups extension.
 
-    Reading `.loop` tells fulmen that the consumer's work may go on after it returns.
+    Reading `.loop` tells fulmen that the consumer's work may go on after it returns; the group
+    methods do not (a WebSocket consumer that joins a group on connect is still accepted when
+    it returns).
     """
 
-    __slots__ = ("_proxy", "used")
+    __slots__ = ("_groups", "_loop", "_proxy", "used")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, groups: Groups) -> None:
+        self._loop = loop
         self._proxy = LoopProxy(loop)
+        self._groups = groups
         self.used = False
+
+    def group_add(self, group: str, channel_name: str) -> None:
+        """Add the reply channel named `channel_name` to `group` (from any thread)."""
+        self._proxy._on_loop(self._groups.add, group, channel_name)
+
+    def group_discard(self, group: str, channel_name: str) -> None:
+        """Remove the reply channel named `channel_name` from `group` (from any thread)."""
+        self._proxy._on_loop(self._groups.discard, group, channel_name)
+
+    def send_group(self, group: str, reply: Reply) -> None:
+        """Send `reply` to every member of `group`: from a worker thread, returns once each
+        member's reply was sent; on the loop, queues them and returns at once."""
+        if on_loop(self._loop):
+            self._groups.post(group, reply)
+        else:
+            asyncio.run_coroutine_threadsafe(self._groups.send(group, reply), self._loop).result()
 
     @property
     def loop(self) -> LoopProxy:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from fulmen.consumers.groups import Groups
 from fulmen.consumers.http import serve_async, serve_sync
 from fulmen.consumers.websocket import serve_websocket
 from fulmen.types import Receive, Scope, Send
@@ -16,12 +17,14 @@ class ConsumerMiddleware:
     """Serve a channels-style consumer as ASGI3; `asynchronous` picks the two shapes.
 
     HTTP requests and WebSockets are served; any other scope (lifespan) raises, so
-    `--lifespan auto` reports lifespan as unsupported.
+    `--lifespan auto` reports lifespan as unsupported. `groups` is the registry of the groups
+    its consumers form (in this process only).
     """
 
     def __init__(self, app: Callable[..., Any], asynchronous: bool, workers: int = 10) -> None:
         self.app = app
         self.asynchronous = asynchronous
+        self.groups = Groups()
         self.executor: ThreadPoolExecutor | None = None
         if not asynchronous:
             self.executor = ThreadPoolExecutor(
@@ -32,11 +35,11 @@ class ConsumerMiddleware:
         kind = scope["type"]
         if kind == "http":
             if self.asynchronous:
-                await serve_async(self.app, scope, receive, send)
+                await serve_async(self.app, self.groups, scope, receive, send)
             else:
-                await serve_sync(self.run, scope, receive, send)
+                await serve_sync(self.run, self.groups, scope, receive, send)
         elif kind == "websocket":
-            await serve_websocket(self.call, self.asynchronous, scope, receive, send)
+            await serve_websocket(self.call, self.asynchronous, self.groups, scope, receive, send)
         else:
             raise RuntimeError(f"Consumers cannot serve scope type {kind!r}")
 

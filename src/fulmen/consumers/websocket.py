@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fulmen.consumers.channels import Call, Outbox, ReplyChannel, SyncReplyChannel
-from fulmen.consumers.formats import Reply, WebSocketReply, connect_fields, receive_fields
+from fulmen.consumers.formats import WebSocketReply, connect_fields, receive_fields
+from fulmen.consumers.groups import Groups
 from fulmen.consumers.layer import ChannelLayer
 from fulmen.types import Message, Receive, Scope, Send
 
@@ -42,16 +42,22 @@ class ConsumerWebSocket:
         "_channels",
         "_fields",
         "_outbox",
-        "_put",
         "_receive",
         "_scope",
+        "channel",
         "layer",
         "order",
         "reply",
     )
 
     def __init__(
-        self, call: Call, asynchronous: bool, scope: Scope, receive: Receive, send: Send
+        self,
+        call: Call,
+        asynchronous: bool,
+        groups: Groups,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         loop = asyncio.get_running_loop()
         send = _dropping_departed(send)
@@ -62,20 +68,17 @@ class ConsumerWebSocket:
         self.order = 0
         self.layer: ChannelLayer | None = None
         self._outbox: Outbox | None = None
-        channel: ReplyChannel | SyncReplyChannel
-        self._put: Callable[[Reply], Awaitable[None]]
+        self.channel: ReplyChannel | SyncReplyChannel
         if asynchronous:
-            channel = ReplyChannel(self.reply, send)
-            self._put = channel.send
-            self._channels: dict[str, Any] = {"reply": channel}
-            self._fields: dict[str, Any] = {"reply_channel": channel}
+            self.channel = ReplyChannel(self.reply, send)
+            self._channels: dict[str, Any] = {"reply": self.channel, "groups": groups.channel}
+            self._fields: dict[str, Any] = {"reply_channel": self.channel}
         else:
             self._outbox = Outbox(send, loop)
-            self.layer = ChannelLayer(loop)
-            channel = SyncReplyChannel(self.reply, self._outbox, loop)
-            self._put = channel.put
+            self.layer = ChannelLayer(loop, groups)
+            self.channel = SyncReplyChannel(self.reply, self._outbox, loop)
             self._channels = {}
-            self._fields = {"reply_channel": channel, "channel_layer": self.layer}
+            self._fields = {"reply_channel": self.channel, "channel_layer": self.layer}
         self._fields["path"] = scope["path"]
 
     async def run(self) -> None:
@@ -86,7 +89,7 @@ class ConsumerWebSocket:
             if self.layer is not None and self.layer.used:
                 receiving = await self._watch(self.reply.answered)  # the deferred answer
             else:
-                await self._put({"accept": True})
+                await self.channel.put({"accept": True})
         if self.reply.refused:
             if receiving is not None:
                 receiving.cancel()
@@ -139,7 +142,10 @@ class ConsumerWebSocket:
 
 
 async def serve_websocket(
-    call: Call, asynchronous: bool, scope: Scope, receive: Receive, send: Send
+    call: Call, asynchronous: bool, groups: Groups, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """Serve the WebSocket of `scope` to the consumer `call` calls."""
-    await ConsumerWebSocket(call, asynchronous, scope, receive, send).run()
+    """Serve the WebSocket of `scope` to the consumer `call` calls; its reply channel may join
+    groups until the connection ends."""
+    websocket = ConsumerWebSocket(call, asynchronous, groups, scope, receive, send)
+    with groups.serving(websocket.channel):
+        await websocket.run()
