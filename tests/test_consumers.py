@@ -72,6 +72,49 @@ def test_content_length_example(serve) -> None:
         assert body == b'{"method": "GET", "path": "%s", "received": 0}' % path.encode()
 
 
+async def era_echo(message, channels):
+    """The era's way to read a body: only from `channels['body']`, if there is one."""
+    body = message.get("body", b"")
+    if "body" in channels:
+        while True:
+            chunk = await channels["body"].receive()
+            body += chunk["content"]
+            if not chunk.get("more_content", False):
+                break
+    await channels["reply"].send({"status": 200, "headers": [], "content": body})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"short", [b"x" * 70_000, b"", b"y" * 3, b"z" * 100_000]],
+    ids=["none", "content-length", "chunked"],
+)
+def test_era_body_reading_gets_every_byte(serve, content) -> None:
+    expected = content if isinstance(content, bytes) else b"".join(content)
+    with serve(era_echo, interface="consumer") as srv:
+        body = content if isinstance(content, bytes) else iter(content)
+        response = httpx.post(srv.url, content=body, timeout=TIMEOUT)
+        assert httpx.get(srv.url, timeout=TIMEOUT).content == b""  # no body: no wait
+    assert response.status_code == 200
+    assert response.content == expected
+
+
+def test_async_message_carries_no_body_bytes(serve_one) -> None:
+    seen: list[dict] = []
+
+    async def consumer(message, channels):
+        seen.append(message)
+        await channels["reply"].send({"content": b""})
+
+    with serve_one(consumer, interface="consumer") as srv:
+        httpx.post(srv.url, content=b"abc", timeout=TIMEOUT)
+        httpx.get(srv.url, timeout=TIMEOUT)
+    assert [(m["content"], m["body"], m["more_content"]) for m in seen] == [
+        (b"", b"", True),
+        (b"", b"", False),
+    ]
+
+
 def test_async_echo_reads_a_streamed_body(serve) -> None:
     chunks = [bytes([65 + n]) * 70_000 for n in range(5)]
     with serve(echo_async.app, interface="consumer") as srv:
@@ -97,7 +140,7 @@ def test_sync_consumer_gets_the_whole_body(serve_one) -> None:
     assert response.status_code == 200  # status defaults to 200
     assert response.text == "300000"
     message = seen[0]
-    assert message["content"] == body
+    assert message["content"] == message["body"] == body
     assert message["more_content"] is False
     assert message["method"] == "POST"
     assert message["path"] == "/p"

@@ -149,6 +149,8 @@ class Commands:
     async def asynchronous(self, message: dict[str, Any], channels: dict[str, Any]) -> None:
         reply = channels["reply"]
         self.names.append((message["channel"], reply.name))
+        if message.get("path") == "/publish":  # the body comes through channels['body']
+            message = {**message, "content": await read_body(channels)}
         verb, steps = plan(message, reply.name)
         for step in steps:
             if "reply" in step:
@@ -158,6 +160,15 @@ class Commands:
         if verb == "stale":
             self.stale.set()
             await asyncio.to_thread(self.release.wait, TIMEOUT)
+
+
+async def read_body(channels: dict[str, Any]) -> bytes:
+    body = b""
+    while True:
+        chunk = await channels["body"].receive()
+        body += chunk["content"]
+        if not chunk["more_content"]:
+            return body
 
 
 def carry_out(layer: Any, reply: Any, steps: list[dict[str, Any]]) -> None:

@@ -29,15 +29,28 @@ def scope_fields(scope: Scope) -> dict[str, Any]:
 
 
 def request_message(scope: Scope, content: bytes, more: bool) -> dict[str, Any]:
-    """The `http.request` message for an ASGI HTTP scope (without its reply channel)."""
+    """The `http.request` message for an ASGI HTTP scope (without its reply channel).
+
+    The body bytes it carries are both `content` and `body` (ASGI 1's name for them)."""
     return {
         "channel": "http.request",
         "http_version": scope["http_version"],
         "method": scope["method"],
         **scope_fields(scope),
         "content": content,
+        "body": content,
         "more_content": more,
     }
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request has a body to read: a non-zero `content-length`, or chunked."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
 
 
 def _header_bytes(value: Any) -> bytes:

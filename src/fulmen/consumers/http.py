@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fulmen.consumers.channels import BodyChannel, Outbox, ReplyChannel, SyncReplyChannel
-from fulmen.consumers.formats import HTTPReply, request_message
+from fulmen.consumers.formats import HTTPReply, has_body, request_message
 from fulmen.consumers.groups import Groups
 from fulmen.consumers.layer import ChannelLayer
 from fulmen.types import Receive, Scope, Send
@@ -18,14 +18,17 @@ _INCOMPLETE = "The consumer returned before its response was complete"
 async def serve_async(
     app: Callable[..., Awaitable[None]], groups: Groups, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """`await app(message, channels)` on the loop, with the first body chunk in the message.
+    """`await app(message, channels)` on the loop, as soon as the request head is in.
+
+    The whole body comes through `channels['body']`, as in the era's server: the message has
+    empty `content`/`body`, and `more_content` says whether there is a body to read. (Era code
+    read the body only from the channel, so a first chunk in the message would be lost.)
 
     A consumer whose reply channel is in a group may leave its response to the group's
     messages: its response is then awaited after it returns.
     """
-    first = await receive()
-    more = first["type"] == "http.request" and bool(first.get("more_body", False))
-    message = request_message(scope, first.get("body", b""), more)
+    more = has_body(scope)
+    message = request_message(scope, b"", more)
     reply = HTTPReply()
     channel = ReplyChannel(reply, send)
     message["reply_channel"] = channel
