@@ -268,15 +268,12 @@ class Server:
     def _install_signal_handlers(self) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():
             return []  # the embedding program owns signals
+        if sys.platform == "win32":  # pragma: no cover - Windows loops take no signal handlers
+            return []
         assert self._loop is not None
-        installed = []
         for sig in HANDLED_SIGNALS:
-            try:
-                self._loop.add_signal_handler(sig, self.handle_exit, sig)
-            except NotImplementedError:  # pragma: no cover - Windows
-                continue
-            installed.append(sig)
-        return installed
+            self._loop.add_signal_handler(sig, self.handle_exit, sig)
+        return list(HANDLED_SIGNALS)
 
     def handle_exit(self, sig: int) -> None:
         """First SIGINT/SIGTERM: graceful shutdown. A second SIGINT: stop waiting at once."""
