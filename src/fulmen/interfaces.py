@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import io
 import sys
@@ -84,7 +85,8 @@ class WSGIMiddleware:
             raise RuntimeError(f"WSGI cannot serve scope type {scope['type']!r}")
         loop = asyncio.get_running_loop()
         call = _WSGICall(self.app, scope, receive, send, loop)
-        await loop.run_in_executor(self.executor, call.run)
+        # In a copy of the request's context, as `asyncio.to_thread` runs a function.
+        await loop.run_in_executor(self.executor, contextvars.copy_context().run, call.run)
 
 
 class _WSGIInput(io.RawIOBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,4 +53,6 @@ class ConsumerMiddleware:
 
     async def run(self, message: dict[str, Any]) -> None:
         """Run the sync consumer with `message` in a worker thread."""
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.app, message)
+        # In a copy of the request's context, as `asyncio.to_thread` runs a function.
+        run = contextvars.copy_context().run
+        await asyncio.get_running_loop().run_in_executor(self.executor, run, self.app, message)

@@ -14,9 +14,9 @@ from urllib.parse import unquote_to_bytes
 
 from fulmen.protocols import wire
 from fulmen.protocols.cycle import RequestCycle
-from fulmen.protocols.eager import create_task, start_eagerly
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
+from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketCycle, WebSocketRequest
 from fulmen.state import ServerState
 
@@ -259,7 +259,8 @@ class H1Connection(asyncio.Protocol):
         return cycle
 
     def _drive(self) -> None:
-        """Start waiting requests in order, each app run eagerly until it first waits."""
+        """Start waiting requests in order, each in a Task whose first step runs at once where
+        Python has eager tasks (`fulmen.protocols.tasks`)."""
         self.driving = True
         try:
             while self.cycle is None:
@@ -283,14 +284,10 @@ class H1Connection(asyncio.Protocol):
             coro = self.ws.run(state.app)
         else:
             coro = cycle.run(state.app)
-        if eager:
-            task = start_eagerly(state.loop, coro, state.context)
-            if task is None:
-                return
-        else:
-            task = create_task(state.loop, coro, state.context)
-        cycle.task = task
-        state.tasks.add(task)
+        task = start_task(state.loop, coro, state.context, eager)
+        if not task.done():  # an eager first step may have finished the request already
+            cycle.task = task
+            state.tasks.add(task)
 
     def on_response_complete(self, cycle: RequestCycle) -> None:
         """The response is written: serve the next pipelined request, or wait for one."""

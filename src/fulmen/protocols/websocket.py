@@ -218,7 +218,7 @@ class WebSocketCycle(asyncio.Protocol):
             elif self.state is OPEN:
                 self._close(1000, "")
         finally:
-            task = asyncio.current_task()  # None when the app finished in its eager first step
+            task = asyncio.current_task()  # the Task `H1Connection._start` made for this cycle
             if task is not None:
                 self.server.tasks.discard(task)
 
