@@ -105,6 +105,35 @@ def test_pipelined_request_with_body(serve, body_first: bool) -> None:
         assert [reader.response().body for _ in range(3)] == [*expected, b"GET /last "]
 
 
+@pytest.mark.parametrize("second", ["GET", "POST"])
+def test_request_sent_while_the_previous_app_finishes(serve, second: str) -> None:
+    """The client has the whole response (its last Content-Length byte) and sends the next
+    request before the app's final message: it is answered once that message is sent, as
+    Starlette's BaseHTTPMiddleware and Flask (through WSGI) respond on every request."""
+    gate = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        body = await read_body(receive)
+        headers = [(b"content-length", b"%d" % (len(body) + 4))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"got " + body, "more_body": True})
+        if scope["path"] == "/first":
+            await gate.wait()
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(app) as srv, srv.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(request(path="/first"))
+        assert reader.response().body == b"got "  # whole, while the app still runs
+        sock.sendall(request(second, "/second", body=b"payload" if second == "POST" else b""))
+        assert no_data_yet(sock)  # in order: not before the first response completed
+        open_gate(srv, gate)
+        expected = b"got payload" if second == "POST" else b"got "
+        assert reader.response().body == expected
+        sock.sendall(request(path="/third"))
+        assert reader.response().body == b"got "
+
+
 def test_malformed_request_behind_valid_ones(serve) -> None:
     # The requests before the bad one are answered in order, then the connection closes.
     with serve(echo_app) as srv, srv.connect() as sock:

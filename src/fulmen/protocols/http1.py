@@ -188,8 +188,14 @@ class H1Connection(asyncio.Protocol):
         cycle.more_body = has_body = length not in (None, b"0") or coding is not None
         cycle.expect_100 = expect and has_body
         self.parsing = cycle if cycle.more_body else None
-        if self.cycle is None and self.next is None:
-            self.next = cycle  # started by data_received once the parser has returned
+        if self.next is None:
+            self.next = cycle
+            if self.cycle is None:
+                return  # started by data_received once the parser has returned
+            # The previous response is still being written, e.g. its app has sent the last
+            # Content-Length byte but not yet its final message, and the client went on:
+            # started when that response completes.
+            self.flow.pause_reading()
             return
         if self.pipeline is None:
             self.pipeline = deque()
