@@ -211,6 +211,9 @@ def build_environ(scope: Scope, body: io.RawIOBase) -> dict[str, Any]:
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
+        # `wsgi.input` ends where the body ends, also a chunked one without Content-Length
+        # (the extension gunicorn and mod_wsgi set; Werkzeug reads no such body without it).
+        "wsgi.input_terminated": True,
     }
     client = scope.get("client")
     if client:
