@@ -56,6 +56,11 @@ def load_app(config: Config) -> tuple[ASGIApp, str]:
         interface = detect_interface(app)
     return adapt(app, interface), interface
 
+# Python 3.13's asyncio (and uvloop under it) removes a Unix socket's file when its server
+# closes. Whose file it is, is decided here (`socket_files`): one inherited from systemd, a
+# supervisor or a reloader outlives this server, and one fulmen bound is removed by fulmen.
+_UNIX: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+
 
 class Server:
     """Serve one `Config`. `await server.serve()` works inside an already running loop."""
@@ -183,7 +188,7 @@ class Server:
             if config.proxy_protocol and ssl_context is not None:  # the header comes before TLS
                 server = ProxyTLSListener(self.state, config, sock, ssl_context)
             elif sock.family == socket.AF_UNIX:
-                server = await self._loop.create_unix_server(factory, sock=sock, **tls)
+                server = await self._loop.create_unix_server(factory, sock=sock, **tls, **_UNIX)
             else:
                 server = await self._loop.create_server(
                     factory, sock=sock, backlog=config.backlog, **tls

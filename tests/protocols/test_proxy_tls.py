@@ -236,15 +236,20 @@ def test_accept_out_of_descriptors_pauses_then_resumes(serve_proxy_tls, certs) -
 
 def test_reset_before_the_header(serve_proxy_tls) -> None:
     """asyncio reports the reset at once. libuv reports a reset socket to uvloop's `add_reader`
-    as neither readable nor writable, so under uvloop the header timeout ends it."""
+    as neither readable nor writable, so under uvloop the header timeout ends it, unless the
+    reset came in before the bytes were read (then the next read reports it)."""
     with serve_proxy_tls(client_app, timeout_request_header=0.5) as srv:
         sock = srv.connect()
         sock.sendall(b"PROXY TCP4 ")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset, not a FIN
-        reason = "connection failed" if srv.server.config.loop == "asyncio" else "timed out"
+        reasons = ["connection failed"]
+        if srv.server.config.loop == "uvloop":
+            reasons.append("timed out")
         deadline = time.monotonic() + TIMEOUT
-        while srv.server.state.connections or not any(reason in m for m in srv.messages()):
+        while srv.server.state.connections or not any(
+            reason in m for m in srv.messages() for reason in reasons
+        ):
             assert time.monotonic() < deadline, srv.messages()
             time.sleep(0.02)  # nothing to await: the server thread logs and forgets it
 
