@@ -9,11 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import re
 import signal
-import socket
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,75 +23,7 @@ from gunicorn.config import Config as GunicornConfig
 from fulmen.config import Config
 from fulmen.workers import FulmenH11Worker, FulmenWorker, graceful_timeout
 from tests.conftest import TIMEOUT
-from tests.helpers import Lines, Process, clean_env
-
-WORKER = "fulmen.workers.FulmenWorker"
-H11_WORKER = "fulmen.workers.FulmenH11Worker"
-BOOTING = re.compile(r"Booting worker with pid: (\d+)")
-RUNNING = "Fulmen running on"
-# Gunicorn 23+ opens a control socket at one fixed path: concurrent arbiters would share it.
-NO_CONTROL = (
-    ("--no-control-socket",) if "control_socket_disable" in GunicornConfig().settings else ()
-)
-
-
-class GunicornLines(Lines):
-    def wait_count(self, pattern: str, count: int, timeout: float = TIMEOUT) -> list[str]:
-        """The first `count` lines matching `pattern`, waiting for them up to `timeout`."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [line for line in self.lines if regex.search(line)]
-                remaining = deadline - time.monotonic()
-                if len(found) >= count:
-                    return found[:count]
-                if self.closed or remaining <= 0:
-                    raise AssertionError(f"{count} x {pattern!r} not in:\n{self.text}")
-                self._cond.wait(remaining)
-
-    def count(self, pattern: str) -> int:
-        with self._cond:
-            return sum(1 for line in self.lines if re.search(pattern, line))
-
-
-class Gunicorn(Process):
-    """A gunicorn arbiter serving `app` with a fulmen worker class; always stopped on exit."""
-
-    stop_signal = signal.SIGQUIT
-    lines_class = GunicornLines
-    stderr: GunicornLines
-
-    def __init__(
-        self,
-        *args: str,
-        app: str = "tests.apps_gunicorn:app",
-        worker: str = WORKER,
-        workers: int = 1,
-        wait: bool = True,
-    ) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        self.port = listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        fd = listener.fileno()
-        command = [sys.executable, "-m", "gunicorn", "-k", worker, "--bind", f"fd://{fd}"]
-        command += ["--workers", str(workers), *NO_CONTROL, *args, app]
-        try:
-            super().__init__(command, clean_env(), pass_fds=(fd,))
-        finally:
-            listener.close()
-        if wait:
-            try:
-                self.stderr.wait_count(RUNNING, workers)
-            except BaseException:
-                self.close()
-                raise
-
-    def worker_pids(self) -> list[int]:
-        return [int(m) for m in BOOTING.findall(self.stderr.text)]
+from tests.helpers import BOOTING, H11_WORKER, RUNNING, Gunicorn
 
 
 def get(url: str, timeout: float = TIMEOUT) -> httpx.Response:
