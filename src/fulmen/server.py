@@ -56,6 +56,7 @@ def load_app(config: Config) -> tuple[ASGIApp, str]:
         interface = detect_interface(app)
     return adapt(app, interface), interface
 
+
 # Python 3.13's asyncio (and uvloop under it) removes a Unix socket's file when its server
 # closes. Whose file it is, is decided here (`socket_files`): one inherited from systemd, a
 # supervisor or a reloader outlives this server, and one fulmen bound is removed by fulmen.

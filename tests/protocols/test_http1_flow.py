@@ -7,6 +7,7 @@ Every test runs on both parsers and both loops (the `serve` fixture).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import select
 import threading
@@ -446,3 +447,31 @@ def test_disconnect_during_streaming_response(serve) -> None:
         sock.close()
         assert got.wait(TIMEOUT)
         assert received == [{"type": "http.disconnect"}]
+
+
+# Resources
+
+
+def test_closed_connections_are_freed_without_the_garbage_collector(serve) -> None:
+    """A closed connection holds no reference cycle: with the cyclic collector off, every
+    connection object is gone once its socket closed and its request ended."""
+    from fulmen.protocols.http1 import H1Connection
+
+    def connections() -> int:
+        return sum(isinstance(o, H1Connection) for o in gc.get_objects())
+
+    with serve(echo_app) as srv:
+        gc.collect()
+        gc.disable()
+        try:
+            before = connections()
+            for n in range(20):
+                with srv.connect() as sock:
+                    sock.sendall(request(path=f"/{n}", headers=[("Connection", "close")]))
+                    assert recv_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+            state = srv.server.state
+            poll_until(lambda: not state.connections and not state.tasks, "still open")
+            # The loop may hold the last one a moment longer (a handle of its last callback).
+            poll_until(lambda: connections() == before, "closed connections left for the gc")
+        finally:
+            gc.enable()

@@ -58,6 +58,9 @@ class H11Parser:
         self.upgraded = False
         self.trailing = b""
 
+    def close(self) -> None:
+        del self._callbacks
+
     def _new_connection(self) -> h11.Connection:
         # h11 only bounds heads that arrive in pieces; the complete head is checked below.
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)

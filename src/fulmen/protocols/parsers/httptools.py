@@ -73,6 +73,9 @@ class HttptoolsParser:
             # httptools buffers a header line until it is complete: bound what it may hold.
             raise ParseError(431, "Request header fields too large")
 
+    def close(self) -> None:
+        del self._callbacks, self._parser  # llhttp's parser holds our bound methods
+
     # llhttp callbacks (there is no on_message_begin: state is reset when a head completes)
 
     def on_url(self, url: bytes) -> None:
