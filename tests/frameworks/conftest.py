@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
 
-from tests.conftest import RunningServer, _start
+from tests.conftest import TIMEOUT, RunningServer, _start
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -29,3 +31,22 @@ def serve_app(
         yield from _start(app, loop, options)
 
     return start
+
+
+ServeApp = Callable[..., contextlib.AbstractContextManager[RunningServer]]
+APP_ERROR = "Exception in ASGI application"  # fulmen's log line for an app that raised
+
+
+def check_websocket_echo(srv: RunningServer, data: bytes) -> None:
+    """The apps' `/ws` echoes text and bytes, and closes with 4000 "see you" on "bye"."""
+    uri = f"ws://127.0.0.1:{srv.port}/ws"
+    with connect(uri, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=TIMEOUT) == "hello"
+        ws.send(data)
+        assert ws.recv(timeout=TIMEOUT) == data
+        ws.send("bye")
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "see you")

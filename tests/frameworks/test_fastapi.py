@@ -5,30 +5,24 @@ process on both loops and in real processes (gunicorn's FulmenWorker and `fulmen
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, RunningServer
+from tests.conftest import TIMEOUT
 from tests.frameworks import apps_fastapi
 from tests.frameworks.apps_fastapi import app
+from tests.frameworks.conftest import APP_ERROR, ServeApp, check_websocket_echo
 from tests.helpers import Fulmen, Gunicorn
 from tests.test_workers import ready_pids
 
-ServeApp = Callable[..., contextlib.AbstractContextManager[RunningServer]]
-
 APP = "tests.frameworks.apps_fastapi:app"
-APP_ERROR = "Exception in ASGI application"
 
 
 def test_async_route_runs_in_a_task(serve_app: ServeApp) -> None:
@@ -131,17 +125,7 @@ def test_streaming_response(serve_app: ServeApp, kind: str) -> None:
 
 def test_websocket_echo_and_close_code(serve_app: ServeApp) -> None:
     with serve_app(app) as srv:
-        uri = f"ws://127.0.0.1:{srv.port}/ws"
-        with connect(uri, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
-            ws.send("hello")
-            assert ws.recv(timeout=TIMEOUT) == "hello"
-            ws.send(b"\xffbytes")
-            assert ws.recv(timeout=TIMEOUT) == b"\xffbytes"
-            ws.send("bye")
-            with pytest.raises(ConnectionClosedError) as closed:
-                ws.recv(timeout=TIMEOUT)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "see you")
+        check_websocket_echo(srv, b"\xffbytes")
 
 
 def test_lifespan_startup_and_shutdown(

@@ -4,22 +4,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, RunningServer
+from tests.conftest import TIMEOUT
 from tests.frameworks import apps_quart
 from tests.frameworks.apps_quart import app
-
-ServeApp = Callable[..., contextlib.AbstractContextManager[RunningServer]]
-
-APP_ERROR = "Exception in ASGI application"
+from tests.frameworks.conftest import APP_ERROR, ServeApp, check_websocket_echo
 
 
 def test_request_body_echo(serve_app: ServeApp) -> None:
@@ -53,17 +46,7 @@ def test_error_page_and_the_next_request(serve_app: ServeApp) -> None:
 
 def test_websocket_echo_and_close_code(serve_app: ServeApp) -> None:
     with serve_app(app) as srv:
-        uri = f"ws://127.0.0.1:{srv.port}/ws"
-        with connect(uri, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
-            ws.send("hello")
-            assert ws.recv(timeout=TIMEOUT) == "hello"
-            ws.send(b"\x00bytes")
-            assert ws.recv(timeout=TIMEOUT) == b"\x00bytes"
-            ws.send("bye")
-            with pytest.raises(ConnectionClosedError) as closed:
-                ws.recv(timeout=TIMEOUT)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "see you")
+        check_websocket_echo(srv, b"\x00bytes")
 
 
 def test_before_and_after_serving(serve_app: ServeApp, monkeypatch: pytest.MonkeyPatch) -> None:

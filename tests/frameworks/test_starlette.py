@@ -4,25 +4,19 @@ error page, each through a real server and a real client (tests/frameworks/apps_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
 
 from tests.conftest import TIMEOUT, RunningServer
 from tests.frameworks import apps_starlette
 from tests.frameworks.apps_starlette import app
-
-ServeApp = Callable[..., contextlib.AbstractContextManager[RunningServer]]
-
-APP_ERROR = "Exception in ASGI application"
+from tests.frameworks.conftest import APP_ERROR, ServeApp, check_websocket_echo
 
 
 def client(srv: RunningServer) -> httpx.Client:
@@ -120,17 +114,7 @@ def test_file_response(
 
 def test_websocket_echo_and_close_code(serve_app: ServeApp) -> None:
     with serve_app(app) as srv:
-        uri = f"ws://127.0.0.1:{srv.port}/ws"
-        with connect(uri, open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
-            ws.send("hello")
-            assert ws.recv(timeout=TIMEOUT) == "hello"
-            ws.send(b"\x00\x01binary")
-            assert ws.recv(timeout=TIMEOUT) == b"\x00\x01binary"
-            ws.send("bye")
-            with pytest.raises(ConnectionClosedError) as closed:
-                ws.recv(timeout=TIMEOUT)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "see you")
+        check_websocket_echo(srv, b"\x00\x01binary")
 
 
 def test_lifespan_state(serve_app: ServeApp, monkeypatch: pytest.MonkeyPatch) -> None:
