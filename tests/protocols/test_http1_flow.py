@@ -67,6 +67,29 @@ def test_client_connection_close_closes_after_response(serve) -> None:
         assert reader.closed()
 
 
+def test_requests_pipelined_after_connection_close_are_not_served(serve) -> None:
+    """RFC 9112 §9.6: nothing after a request with `Connection: close` reaches the app."""
+    served: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        served.append(scope["path"])
+        await respond(send, scope["path"].encode())
+
+    with serve(app) as srv, srv.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(
+            request(path="/first")
+            + request(path="/bye", headers=[("Connection", "close")])
+            + request(path="/never")
+            + request(path="/nor-this")
+        )
+        assert reader.response().body == b"/first"
+        last = reader.response()
+        assert last.body == b"/bye" and last.get("connection") == "close"
+        assert reader.closed()
+    assert served == ["/first", "/bye"]
+
+
 def test_app_connection_close_closes_connection(serve) -> None:
     async def app(scope, receive, send) -> None:
         await respond(send, b"done", headers=[(b"connection", b"close")])

@@ -242,6 +242,29 @@ def test_limit_concurrency_one_serves_a_lone_request(serve) -> None:
             assert status_of(response) == 200 and response.endswith(b"alone")
 
 
+def test_limit_concurrency_counts_requests_not_idle_connections(serve) -> None:
+    """The unit is a running request: idle keep-alive connections beyond the limit do not
+    make the server refuse a request that is within it."""
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"served"})
+
+    with serve(app, limit_concurrency=1) as srv:
+        idle = [srv.connect() for _ in range(3)]
+        try:
+            for sock in idle:  # each served once, then left open and idle
+                sock.sendall(request())
+                assert status_of(recv_response(sock)) == 200
+            with srv.connect() as sock:
+                sock.sendall(request())
+                response = recv_response(sock)
+                assert status_of(response) == 200 and response.endswith(b"served")
+        finally:
+            for sock in idle:
+                sock.close()
+
+
 # Request budget
 
 

@@ -476,7 +476,9 @@ def test_queued_messages_come_before_the_disconnect(serve_ws: Any, close_read: s
                 ws = the_websocket(srv)
                 poll_until(lambda: not in_loop(srv, ws.transport.is_reading), "kept reading")
                 reader.sock.sendall(close)
-                assert in_loop(srv, lambda: ws.closed is None and len(ws.queue) >= 2)
+                assert in_loop(
+                    srv, lambda: ws.session.closed is None and len(ws.session.queue) >= 2
+                )
             assert app.received["/"] == []
             open_gate(srv, gate)
             assert reader.close_code() == 4001

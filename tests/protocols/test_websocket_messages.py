@@ -182,10 +182,10 @@ def raw_client(srv: RunningServer, after: bytes = b"", path: str = "/") -> Itera
 
 
 def the_websocket(srv: RunningServer) -> Any:
-    """The server's one accepted WebSocket (a `WebSocketCycle`)."""
+    """The server's one accepted WebSocket (its HTTP/1.1 driver, an `H1WebSocket`)."""
     connections = in_loop(srv, lambda: list(srv.server.state.connections))
     assert len(connections) == 1, connections
-    assert type(connections[0]).__name__ == "WebSocketCycle", connections
+    assert type(connections[0]).__name__ == "H1WebSocket", connections
     return connections[0]
 
 
@@ -475,7 +475,9 @@ def test_full_queue_pauses_reading(serve_ws: Any) -> None:
 
         poll_until(paused, "the server kept reading with a full queue")
         # Up to the limit, plus what the one read that reached it brought (256 KiB at most).
-        assert len(websocket.queue) <= 2 + (256 * 1024) // CHUNK + 1, len(websocket.queue)
+        assert len(websocket.session.queue) <= 2 + (256 * 1024) // CHUNK + 1, len(
+            websocket.session.queue
+        )
         assert app.received["/"] == []
         open_gate(srv, gate)
         app.wait_for(lambda: len(app.received["/"]) == count, f"received {count} messages")

@@ -1,47 +1,92 @@
-"""One ASGI HTTP request/response cycle: `receive`, `send`, and running the app.
+"""The one ASGI HTTP request cycle, the same for every protocol: `receive`, `send`, running the
+app, the error policy and the access log.
 
-The response head is held until the first body message so that head and body leave in one
-`transport.write` (allowed by the ASGI spec), and so that a response sent whole gets a
-Content-Length instead of chunked framing.
+The cycle knows no wire format and holds no connection. It talks to a `Framer`, which each
+protocol implements for the request it serves: HTTP/1.1 for the request being answered on
+its connection (`fulmen.protocols.http1`), HTTP/2 and HTTP/3 per stream. The calls are direct
+method calls, with no event objects, queues or locks per message.
+
+The response head is held until the first body message, so that the framer can send head and
+body at once (allowed by the ASGI spec) and knows whether the body is whole (HTTP/1.1 then
+sends Content-Length instead of chunked framing).
+
+Error policy, whatever the protocol: a failure before the head is sent becomes a 500; a
+failure after it aborts this one response (HTTP/1.1 has to close the connection for it,
+HTTP/2 resets only the stream); a client that left needs no answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, Protocol
 
 from fulmen.protocols import wire
 from fulmen.protocols.flow import wake
-from fulmen.protocols.wire import (
-    CONNECTION,
-    CONTENT_LENGTH,
-    CRLF,
-    HEADER_LINES,
-    NO_BODY_STATUSES,
-    STATUS_LINES,
-    TRANSFER_ENCODING,
-)
+from fulmen.state import ServerState
 from fulmen.types import ASGIApp, Message
-
-if TYPE_CHECKING:
-    from fulmen.protocols.http1 import H1Connection
 
 logger = logging.getLogger("fulmen.error")
 access_logger = logging.getLogger("fulmen.access")
 
-# Response states (RFC-free bookkeeping): nothing yet -> head held -> body streaming -> done.
-START, HEAD, BODY, DONE = range(4)
-# Body framings.
-NONE, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
-
+Headers = Iterable[tuple[bytes, bytes]]
 _ERROR_500 = b"Internal Server Error"
+_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 
 
-def _content_length(value: bytes) -> int:
-    if not value.isdigit():
-        raise RuntimeError(f"Invalid Content-Length {value!r}")
-    return int(value)
+class Framer(Protocol):
+    """What a protocol does for the one request a cycle serves.
+
+    The cycle calls these in ASGI order: at most one `send_head`, then `send_body` until
+    `more_body` is false; or `send_plain` instead of both, for a response the server makes up.
+    `send_head` and `send_body` raise RuntimeError, having sent nothing, for a response the
+    protocol cannot frame (an invalid header, a body longer than its Content-Length). `complete`
+    comes once, after the last byte; `abort` instead, if the response cannot be finished.
+    """
+
+    def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
+        """Validate and send the response head with the first body message."""
+
+    def send_body(self, body: bytes, more_body: bool) -> None:
+        """Send more of the body; `more_body=False` ends it."""
+
+    def send_interim(self, status: int) -> None:
+        """An informational response (RFC 9110 §15.2), e.g. 100 Continue."""
+
+    def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """A whole `text/plain` response from the server itself (500, 503, a refused
+        WebSocket handshake), with `headers` besides the defaults."""
+
+    def consumed(self, size: int) -> None:
+        """The app has taken `size` body bytes: the peer may send more (HTTP/1.1 resumes
+        reading the socket, HTTP/2 sends WINDOW_UPDATE)."""
+
+    def drain(self) -> Awaitable[None] | None:
+        """None when the response may be written now, else what to await first (the socket's
+        write buffer, for HTTP/2 also the flow-control windows)."""
+
+    def abort(self) -> None:
+        """The response cannot be finished: end it so the peer sees it broken."""
+
+    def complete(self) -> None:
+        """The response was sent whole (or answered by `send_plain`)."""
+
+
+class Phase(enum.Enum):
+    """Where the response stands."""
+
+    START = enum.auto()  # nothing from the app yet
+    HEAD = enum.auto()  # http.response.start received, held until the first body message
+    BODY = enum.auto()  # the head is sent, the body is streaming
+    DONE = enum.auto()  # the response is complete
+
+
+START = Phase.START
+HEAD = Phase.HEAD
+BODY = Phase.BODY
+DONE = Phase.DONE
 
 
 class RequestCycle:
@@ -50,45 +95,39 @@ class RequestCycle:
     __slots__ = (
         "body",
         "body_received",
-        "conn",
         "disconnected",
         "expect_100",
-        "framing",
-        "head_request",
+        "framer",
         "headers",
-        "keep_alive",
         "more_body",
+        "phase",
         "receiving",
-        "remaining",
         "request_done",
         "scope",
-        "state",
+        "server",
         "status",
         "task",
         "waiter",
     )
 
-    def __init__(self, conn: H1Connection, scope: dict[str, Any], keep_alive: bool) -> None:
-        self.conn = conn
+    def __init__(self, server: ServerState, framer: Framer, scope: dict[str, Any]) -> None:
+        self.server = server
+        self.framer = framer
         self.scope = scope
-        self.keep_alive = keep_alive
-        self.head_request = scope["method"] == "HEAD"
         self.body = b""
         self.body_received = 0
-        self.more_body = False
+        self.more_body = False  # request body bytes are still to come
         self.request_done = False  # the final http.request message was handed to the app
         self.receiving = False  # the app has called receive()
         self.expect_100 = False
         self.disconnected = False
-        self.state = START
+        self.phase = START
         self.status = 0
         self.headers: Any = ()
-        self.framing = NONE
-        self.remaining = 0
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
-    # Events from the connection
+    # Events from the protocol
 
     def on_body(self, data: bytes) -> None:
         self.body += data
@@ -116,139 +155,60 @@ class RequestCycle:
         if self.expect_100:
             # RFC 9110 §10.1.1: ask for the body only once the app wants it.
             self.expect_100 = False
-            if self.state is START and not self.disconnected:
-                self.conn.transport.write(wire.CONTINUE)
-        if not (self.body or self.disconnected or self.state is DONE) and (
+            if self.phase is START and not self.disconnected:
+                self.framer.send_interim(100)
+        if not (self.body or self.disconnected or self.phase is DONE) and (
             self.more_body or self.request_done
         ):
-            waiter = self.waiter = self.conn.state.loop.create_future()
+            waiter = self.waiter = self.server.loop.create_future()
             await waiter
-        if self.disconnected or self.state is DONE or (self.request_done and not self.body):
+        if self.disconnected or self.phase is DONE or (self.request_done and not self.body):
             return {"type": "http.disconnect"}
         body = self.body
         self.body = b""
         self.request_done = not self.more_body
         if self.more_body:
-            self.conn.maybe_resume_reading()
+            self.framer.consumed(len(body))
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     async def send(self, message: Message) -> None:
-        if self.conn.flow.write_paused and not self.disconnected:
-            await self.conn.flow.drain()
+        if not self.disconnected:
+            waiter = self.framer.drain()
+            if waiter is not None:
+                await waiter
         kind = message["type"]
-        state = self.state
-        if state is START:
+        phase = self.phase
+        if phase is START:
             if kind != "http.response.start":
                 raise RuntimeError(f"Expected 'http.response.start', got {kind!r}")
             self.status = message["status"]
             self.headers = message.get("headers", ())
-            self.state = HEAD
+            self.phase = HEAD
             return
-        if state is DONE or kind != "http.response.body":
-            raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {state}")
+        if phase is DONE or kind != "http.response.body":
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {phase.name}")
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
         if self.disconnected:
             return
-        if state is HEAD:
-            self._write_head(body, more_body)
+        if phase is HEAD:
+            self.framer.send_head(self.status, self.headers, body, more_body)
+            self.phase = BODY
         else:
-            self._write_body(body, more_body)
+            self.framer.send_body(body, more_body)
         if not more_body:
             self._complete()
 
-    def _write_head(self, body: bytes, more_body: bool) -> None:
-        conn = self.conn
-        status = self.status
-        parts = [STATUS_LINES.get(status) or wire.status_line(status)]
-        append = parts.append
-        length: int | None = None
-        app_framing = app_connection = False
-        own_defaults: list[bytes] | None = None
-        lines = HEADER_LINES
-        for header in self.headers:
-            try:
-                entry = lines.get(header)
-            except TypeError:  # not a tuple (e.g. a list): unhashable, validate uncached
-                entry = None
-            if entry is None:
-                entry = wire.header_line(header)
-            line, kind, lname = entry
-            append(line)
-            if kind:
-                if kind is CONTENT_LENGTH:
-                    length = _content_length(header[1])
-                elif kind is TRANSFER_ENCODING:
-                    app_framing = True
-                elif kind is CONNECTION:
-                    app_connection = True
-                    if b"close" in header[1].lower():
-                        self.keep_alive = False
-                else:
-                    own_defaults = [lname] if own_defaults is None else [*own_defaults, lname]
-        http10 = self.scope["http_version"] == "1.0"
-        if self.head_request or status in NO_BODY_STATUSES or status < 200:
-            self.framing = NONE
-        elif length is not None:
-            self.framing = LENGTH
-            self.remaining = length
-        elif app_framing:
-            self.framing = CHUNKED
-        elif not more_body:
-            self.framing = LENGTH
-            self.remaining = len(body)
-            append(b"content-length: %d\r\n" % len(body))
-        elif not http10:
-            self.framing = CHUNKED
-            append(b"transfer-encoding: chunked\r\n")
-        else:
-            self.framing = UNTIL_CLOSE
-            self.keep_alive = False
-        state = conn.state
-        if state.shutting_down or (self.more_body and not self.receiving):
-            # Answering before asking for the body: it will not be read, so the connection
-            # cannot be reused (RFC 9110 §10.1.1 lets us close instead of draining it).
-            self.keep_alive = False
-        if not app_connection:
-            if not self.keep_alive:
-                append(b"connection: close\r\n")
-            elif http10:
-                append(b"connection: keep-alive\r\n")
-        if own_defaults is None:
-            append(state.default_headers)
-        else:
-            append(state.defaults_without(frozenset(own_defaults)))
-        append(CRLF)
-        append(self._framed(body, more_body))  # may refuse the body: then nothing was sent
-        self.state = BODY
-        conn.transport.write(b"".join(parts))
-
-    def _write_body(self, body: bytes, more_body: bool) -> None:
-        data = self._framed(body, more_body)
-        if data:
-            self.conn.transport.write(data)
-
-    def _framed(self, body: bytes, more_body: bool) -> bytes:
-        framing = self.framing
-        if framing is LENGTH:
-            self.remaining -= len(body)
-            if self.remaining < 0:
-                raise RuntimeError("Response content longer than Content-Length")
-            if not more_body and self.remaining:
-                raise RuntimeError("Response content shorter than Content-Length")
-            return body
-        if framing is CHUNKED:
-            if more_body:
-                return wire.chunk(body) if body else b""
-            return wire.chunk(body) + wire.LAST_CHUNK if body else wire.LAST_CHUNK
-        if framing is UNTIL_CLOSE:
-            return body
-        return b""
-
     def _complete(self) -> None:
-        self.state = DONE
+        self.phase = DONE
         self._wake()
-        self.conn.on_response_complete(self)
+        server = self.server
+        if server.access_log:
+            self.log_access()
+        server.total_requests += 1
+        if server.total_requests == server.limit_max_requests:
+            server.on_max_requests()
+        self.framer.complete()
 
     # Running the application
 
@@ -256,47 +216,41 @@ class RequestCycle:
         try:
             await app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
-            self.conn.transport.close()
+            if self.phase is not DONE:  # a response cut short; a finished one stays whole
+                self.framer.abort()
         except BaseException as exc:
             logger.error("Exception in ASGI application", exc_info=exc)
             self.fail()
         else:
             # A client that left needs no response: returning on http.disconnect is no error.
-            if (self.state is START or self.state is HEAD) and not self.disconnected:
+            if (self.phase is START or self.phase is HEAD) and not self.disconnected:
                 logger.error("ASGI callable returned without sending a response.")
                 self.fail()
-            elif self.state is not DONE and not self.disconnected:
+            elif self.phase is not DONE and not self.disconnected:
                 logger.error("ASGI callable returned without completing the response.")
-                self.conn.transport.close()
+                self.framer.abort()
         finally:
             if self.task is not None:
-                self.conn.state.tasks.discard(self.task)
+                self.server.tasks.discard(self.task)
 
     def fail(self) -> None:
-        """500 if nothing was sent yet, else end the connection: the response is broken."""
-        if self.state is START or self.state is HEAD:
-            self.keep_alive = False
+        """500 if nothing was sent yet, else abort: the response is broken."""
+        if self.phase is START or self.phase is HEAD:
             self.reject(500, _ERROR_500)
-        elif self.state is BODY:
-            self.conn.transport.close()
+        elif self.phase is BODY:
+            self.framer.abort()
 
-    def reject(self, status: int, body: bytes, headers: bytes = b"") -> None:
-        """Answer with a canned response instead of the app's (503, 500), plus header lines."""
-        conn = self.conn
+    def reject(self, status: int, body: bytes, headers: Headers = ()) -> None:
+        """Answer with a plain-text response instead of the app's (503, 500, a refused
+        WebSocket handshake), with `headers` besides the content type."""
         if not self.disconnected:
-            close = not self.keep_alive or status == 500
-            defaults = conn.state.default_headers + headers
-            response = wire.simple_response(status, body, defaults, close)
-            self.keep_alive = not close
-            conn.transport.write(response)
+            self.framer.send_plain(status, body, [_PLAIN, *headers])
         self.status = status
-        self.state = DONE
-        self._wake()
-        conn.on_response_complete(self)
+        self._complete()
 
     def log_access(self) -> None:
         scope = self.scope
-        access_format = self.conn.state.access_format
+        access_format = self.server.access_format
         if access_format is not None:
             access_format.log(scope, self.status, self.headers)
             return

@@ -1,7 +1,9 @@
 """The one HTTP/1.1 connection: bytes in, ASGI request cycles out, over any parser adapter.
 
 `data_received -> parser.feed -> on_request (scope) -> RequestCycle.run (app) -> send -> write`.
-Everything HTTP means is decided here once, whichever parser produced the calls.
+Everything HTTP/1.1 means is decided here once, whichever parser produced the calls: request
+framing rules, keep-alive, pipelining, and (as the `Framer` of the request being answered)
+response framing: Content-Length, chunked or until close.
 """
 
 from __future__ import annotations
@@ -9,20 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from typing import cast
-from urllib.parse import unquote_to_bytes
 
 from fulmen.protocols import wire
-from fulmen.protocols.cycle import RequestCycle
+from fulmen.protocols.cycle import Headers, RequestCycle
+from fulmen.protocols.fields import CONNECTION, CONTENT_LENGTH, ORDINARY, TRANSFER_ENCODING
+from fulmen.protocols.fields import content_length as app_content_length
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
+from fulmen.protocols.scope import http_scope
 from fulmen.protocols.tasks import start_task
-from fulmen.protocols.websocket import WebSocketCycle, WebSocketRequest
+from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
+from fulmen.protocols.websocket_h1 import H1WebSocket
+from fulmen.protocols.wire import CHUNKED, CRLF, HEADER_LINES, LENGTH, STATUS_LINES, UNTIL_CLOSE
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
 
-ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
 _SPECIAL = frozenset(
     (
         b"host",
@@ -39,7 +45,6 @@ _SPECIAL = frozenset(
     )
 )
 _VERSIONS = frozenset(("1.1", "1.0"))
-_METHODS: dict[bytes, str] = {}
 # Above this many buffered body bytes the app has not received, stop reading the socket.
 HIGH_WATER = 65536
 
@@ -51,23 +56,50 @@ def _address(info: object) -> tuple[str, int] | None:
 
 
 class H1Connection(asyncio.Protocol):
-    """One client connection. Requests are served one at a time, in order (pipelining)."""
+    """One client connection. Requests are served one at a time, in order (pipelining).
+
+    The requests of a connection, as the parser delivers them, pass through these slots::
+
+        parsed -> next -> pipeline (FIFO) -> cycle (its app runs, its response is written)
+                  ^ first waiting    ^ behind it      ^ at most one; None between responses
+
+        parsing: the request whose body is still arriving (any of the above, or none)
+        last:    the request after whose response the connection closes (Connection: close,
+                 HTTP/1.0 without keep-alive, an upgrade, a bad request behind it, a response
+                 framed by the close, a 500); requests parsed after it are dropped
+
+    | event                         | effect                                                |
+    |-------------------------------|-------------------------------------------------------|
+    | request head, nothing waiting | `next`; started when the parser returns (`_drive`)    |
+    | request head, one waiting     | appended to `pipeline`; reading pauses                |
+    | response complete             | closed if it was `last`, or its body is unread; else  |
+    |                               | the next waiting request starts, or the connection    |
+    |                               | idles (keep-alive timeout) and reading resumes        |
+    | parse error                   | answered at once if nothing waits, else `last` = the  |
+    |                               | last waiting request, which is answered first         |
+
+    While a request waits, reading stays paused: a client cannot queue unbounded work. The
+    connection is also the `Framer` of the request in `cycle`: per-response state (`framing`,
+    `remaining`) lives here, so serving a request allocates no framer object.
+    """
 
     __slots__ = (
         "client",
         "cycle",
         "deadline",
         "driving",
+        "endpoints",
         "flow",
+        "framing",
         "idle",
+        "last",
         "next",
         "parser",
         "parsing",
         "pipeline",
         "proxy",
-        "scheme",
+        "remaining",
         "served",
-        "server",
         "state",
         "transport",
         "ws",
@@ -79,10 +111,13 @@ class H1Connection(asyncio.Protocol):
         self.parsing: RequestCycle | None = None  # the cycle whose body is being read
         self.next: RequestCycle | None = None  # the first request waiting for its turn
         self.pipeline: deque[RequestCycle] | None = None  # requests queued behind `next`
+        self.last: RequestCycle | None = None  # the connection closes after its response
         self.idle = True
         self.served = False  # a response was written: an idle connection is between requests
         self.driving = False
-        self.ws: WebSocketCycle | None = None  # a WebSocket handshake the app has not answered
+        self.ws: WebSocketSession | None = None  # a WebSocket handshake not answered yet
+        self.framing = wire.NONE
+        self.remaining = 0
 
     # asyncio.Protocol
 
@@ -91,11 +126,15 @@ class H1Connection(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self.flow = FlowControl(transport)
         self.parser: Parser = state.parser_factory(self, state.limits)
-        self.client = _address(transport.get_extra_info("peername"))
-        self.server = _address(transport.get_extra_info("sockname"))
-        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.client = client = _address(transport.get_extra_info("peername"))
+        server = _address(transport.get_extra_info("sockname"))
+        self.endpoints = (
+            client,
+            server,
+            "https" if transport.get_extra_info("sslcontext") else "http",
+        )
         proxy = state.proxy_headers
-        self.proxy = proxy if proxy is not None and proxy.trusts(self.client) else None
+        self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
         if state.shutting_down:  # accepted just before the listener closed
@@ -132,7 +171,7 @@ class H1Connection(asyncio.Protocol):
         # Each of these refers back to this connection: dropping them here lets the connection
         # be freed by reference counting as soon as its last task ends. (Left to the cyclic
         # garbage collector, a closed connection cost more than its request under `close` load.)
-        self.cycle = self.parsing = self.next = self.pipeline = self.ws = None
+        self.cycle = self.parsing = self.next = self.pipeline = self.last = self.ws = None
         self.parser.close()
 
     def pause_writing(self) -> None:
@@ -181,18 +220,27 @@ class H1Connection(asyncio.Protocol):
             check_transfer_coding(coding, length is not None)
         elif length is not None and state.limit_request_body is not None:
             _check_length(int(length), state.limit_request_body)
-        keep_alive = _keep_alive(version, connection)
         self.deadline = 0.0
-        scope = self._scope(method, target, version, headers)
-        if forwarded and self.proxy is not None:
-            self.proxy.apply(scope)
+        if self.last is not None:
+            # Behind the request that ends the connection (RFC 9112 §9.6): never served.
+            self.parsing = None
+            self.flow.pause_reading()
+            return
+        raw_path, _, query = target.partition(b"?")
+        if raw_path[:1] != b"/" and raw_path != b"*":
+            raw_path = _origin_path(raw_path)
+        proxy = self.proxy if forwarded else None
+        scope = http_scope(state, method, raw_path, query, version, headers, self.endpoints, proxy)
         if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
-            cycle: RequestCycle = WebSocketRequest(self, scope, False)
+            cycle: RequestCycle = WebSocketRequest(state, self, scope)
+            self.last = cycle
         else:
-            cycle = RequestCycle(self, scope, keep_alive)
+            cycle = RequestCycle(state, self, scope)
+            if not _keep_alive(version, connection):
+                self.last = cycle
         cycle.more_body = has_body = length not in (None, b"0") or coding is not None
         cycle.expect_100 = expect and has_body
-        self.parsing = cycle if cycle.more_body else None
+        self.parsing = cycle if has_body else None
         if self.next is None:
             self.next = cycle
             if self.cycle is None:
@@ -206,43 +254,6 @@ class H1Connection(asyncio.Protocol):
             self.pipeline = deque()
         self.pipeline.append(cycle)
         self.flow.pause_reading()
-
-    def _scope(
-        self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
-    ) -> dict[str, object]:
-        state = self.state
-        raw_path, _, query = target.partition(b"?")
-        if raw_path[:1] != b"/" and raw_path != b"*":
-            raw_path = _origin_path(raw_path)
-        if b"%" in raw_path or not raw_path.isascii():
-            path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
-        else:
-            path = raw_path.decode("ascii")
-        method_str = _METHODS.get(method)
-        if method_str is None:
-            method_str = method.decode("ascii")
-            if len(_METHODS) < 64:
-                _METHODS[method] = method_str
-        root_path = state.root_path
-        if root_path:
-            path = root_path + path
-            raw_path = root_path.encode("utf-8") + raw_path
-        return {
-            "type": "http",
-            "asgi": ASGI_INFO,
-            "http_version": version,
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.scheme,
-            "method": method_str,
-            "root_path": root_path,
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "headers": headers,
-            "state": state.app_state.copy(),
-            "extensions": {},
-        }
 
     def on_body(self, data: bytes) -> None:
         cycle = self.parsing
@@ -287,11 +298,12 @@ class H1Connection(asyncio.Protocol):
         self.cycle = cycle
         state = self.state
         limit = state.limit_concurrency
-        if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
+        if limit and len(state.tasks) >= limit:  # requests running, on all connections
             cycle.reject(503, b"Service Unavailable")
             return
         if cycle.websocket:
-            self.ws = WebSocketCycle(self, cast(WebSocketRequest, cycle))
+            driver = H1WebSocket(state, self.transport, self.flow, self._detach)
+            driver.session = self.ws = WebSocketSession(cast(WebSocketRequest, cycle), driver)
             coro = self.ws.run(state.app)
         else:
             coro = cycle.run(state.app)
@@ -300,15 +312,121 @@ class H1Connection(asyncio.Protocol):
             cycle.task = task
             state.tasks.add(task)
 
-    def on_response_complete(self, cycle: RequestCycle) -> None:
-        """The response is written: serve the next pipelined request, or wait for one."""
+    # The Framer of the request in `cycle` (`fulmen.protocols.cycle.Framer`)
+
+    def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
+        cycle = self.cycle
+        assert cycle is not None
+        parts = [STATUS_LINES.get(status) or wire.status_line(status)]
+        append = parts.append
+        length: int | None = None
+        app_coding = app_connection = False
+        close = cycle is self.last
+        own_defaults: list[bytes] | None = None
+        lines = HEADER_LINES
+        for header in headers:
+            try:
+                entry = lines.get(header)
+            except TypeError:  # not a tuple (e.g. a list): unhashable, validate uncached
+                entry = None
+            if entry is None:
+                entry = wire.header_line(header)
+            line, kind, lname = entry
+            append(line)
+            if kind is not ORDINARY:
+                if kind is CONTENT_LENGTH:
+                    length = app_content_length(header[1])
+                elif kind is TRANSFER_ENCODING:
+                    app_coding = True
+                elif kind is CONNECTION:
+                    app_connection = True
+                    close = close or b"close" in header[1].lower()
+                else:
+                    own_defaults = [lname] if own_defaults is None else [*own_defaults, lname]
+        scope = cycle.scope
+        http10 = scope["http_version"] == "1.0"
+        head = scope["method"] == "HEAD"
+        framing = wire.body_framing(status, head, length, app_coding, not more_body, http10)
+        if framing is LENGTH:
+            if length is None:
+                length = len(body)
+                append(b"content-length: %d\r\n" % length)
+            self.remaining = length
+        elif framing is CHUNKED:
+            if not app_coding:
+                append(b"transfer-encoding: chunked\r\n")
+        elif framing is UNTIL_CLOSE:
+            close = True
+        self.framing = framing
         state = self.state
-        if state.access_log:
-            cycle.log_access()
-        state.total_requests += 1
-        if state.total_requests == state.limit_max_requests:
-            state.on_max_requests()
-        if not cycle.keep_alive or cycle is self.parsing or state.shutting_down:
+        if state.shutting_down or (cycle.more_body and not cycle.receiving):
+            # Answering before asking for the body: it will not be read, so the connection
+            # cannot be reused (RFC 9110 §10.1.1 lets us close instead of draining it).
+            close = True
+        if not app_connection:
+            if close:
+                append(b"connection: close\r\n")
+            elif http10:
+                append(b"connection: keep-alive\r\n")
+        if own_defaults is None:
+            append(state.default_headers)
+        else:
+            append(state.defaults_without(frozenset(own_defaults)))
+        append(CRLF)
+        append(self._framed(body, more_body))  # may refuse the body: then nothing was sent
+        if close:
+            self.last = cycle
+        self.transport.write(b"".join(parts))
+
+    def send_body(self, body: bytes, more_body: bool) -> None:
+        data = self._framed(body, more_body)
+        if data:
+            self.transport.write(data)
+
+    def _framed(self, body: bytes, more_body: bool) -> bytes:
+        framing = self.framing
+        if framing is LENGTH:
+            self.remaining -= len(body)
+            if self.remaining < 0:
+                raise RuntimeError("Response content longer than Content-Length")
+            if not more_body and self.remaining:
+                raise RuntimeError("Response content shorter than Content-Length")
+            return body
+        if framing is CHUNKED:
+            if more_body:
+                return wire.chunk(body) if body else b""
+            return wire.chunk(body) + wire.LAST_CHUNK if body else wire.LAST_CHUNK
+        if framing is UNTIL_CLOSE:
+            return body
+        return b""
+
+    def send_interim(self, status: int) -> None:
+        self.transport.write(wire.status_line(status) + CRLF)
+
+    def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        # After a 500 the connection ends: the app failed, and its request body may be unread.
+        close = self.cycle is self.last or status == 500
+        if close:
+            self.last = self.cycle
+        lines = b"".join([wire.header_line(header)[0] for header in headers])
+        response = wire.simple_response(status, body, lines + self.state.default_headers, close)
+        self.transport.write(response)
+
+    def consumed(self, size: int) -> None:
+        self.maybe_resume_reading()
+
+    def drain(self) -> Awaitable[None] | None:
+        flow = self.flow
+        return flow.drain() if flow.write_paused else None
+
+    def abort(self) -> None:
+        self.transport.close()  # the peer sees the body end short of its framing
+
+    def complete(self) -> None:
+        """The response is written: serve the next pipelined request, or wait for one."""
+        cycle = self.cycle
+        state = self.state
+        if cycle is self.last or cycle is self.parsing or state.shutting_down:
             self.transport.close()
             return
         self.cycle = None
@@ -323,6 +441,14 @@ class H1Connection(asyncio.Protocol):
             if queued is not None:
                 self._start(queued, False)
         self.maybe_resume_reading()
+
+    def _detach(self) -> bytes:
+        """An accepted WebSocket takes the socket over: let go of it and of the request, and
+        hand over the bytes that arrived after the request."""
+        self.state.connections.discard(self)
+        pending = self.parser.trailing
+        self.cycle = self.parsing = self.next = self.pipeline = self.last = self.ws = None
+        return pending
 
     def maybe_resume_reading(self) -> None:
         """Read again once no pipelined request waits and the body buffer has room."""
@@ -344,12 +470,14 @@ class H1Connection(asyncio.Protocol):
         before = self.pipeline[-1] if self.pipeline else (self.next or self.cycle)
         if before is not None and self.parsing is None:
             self.flow.pause_reading()
-            before.keep_alive = False
+            if self.last is None:
+                self.last = before
             return
         if before is None and not self.transport.is_closing():
             # The status phrase only: the detail may quote the client's bytes back.
             body = wire.status_line(status)[13:-2]
-            self.transport.write(wire.simple_response(status, body, self.state.default_headers))
+            lines = wire.PLAIN + self.state.default_headers
+            self.transport.write(wire.simple_response(status, body, lines))
         self.transport.close()
 
     def check_timeout(self, now: float) -> None:

@@ -1,15 +1,14 @@
-"""Bytes helpers for HTTP/1.1: status lines, header checks, chunk framing, canned responses."""
+"""Bytes helpers for HTTP/1.1: status lines, header lines, body framing, canned responses."""
 
 from __future__ import annotations
 
+import enum
 import http
 import re
 from email.utils import formatdate
 
-# RFC 9110 §5.6.2: a field name is a token.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# RFC 9110 §5.5: no CR, LF or NUL in a field value (response splitting).
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+from fulmen.protocols import fields
+
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: host = IP-literal / IPv4address / reg-name, then [":" port].
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
@@ -19,7 +18,6 @@ STATUS_LINES: dict[int, bytes] = {
 }
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 §6.4.1: these never carry content.
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -34,31 +32,17 @@ def status_line(status: int) -> bytes:
     return line
 
 
-# What the response writer must notice about a header, by lower-case name.
-ORDINARY, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, SERVER_OR_DATE = range(5)
-_KINDS = {
-    b"content-length": CONTENT_LENGTH,
-    b"transfer-encoding": TRANSFER_ENCODING,
-    b"connection": CONNECTION,
-    b"server": SERVER_OR_DATE,
-    b"date": SERVER_OR_DATE,
-}
 # (name, value) -> (validated header line, kind, lower-case name). Applications send the same
 # headers again and again; a hit skips validation and formatting. Cleared when full, so
 # one-off values cannot pin memory.
-HEADER_LINES: dict[object, tuple[bytes, int, bytes]] = {}
+HEADER_LINES: dict[object, tuple[bytes, fields.Kind, bytes]] = {}
 _HEADER_LINES_MAX = 1024
 
 
-def header_line(header: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
-    """Validate one response header (no CR/LF injection) and format its line, cached."""
-    name, value = header
-    if not isinstance(name, bytes) or _TOKEN.fullmatch(name) is None:
-        raise RuntimeError(f"Invalid HTTP header name {name!r}")
-    if not isinstance(value, bytes) or _BAD_VALUE.search(value) is not None:
-        raise RuntimeError(f"Invalid HTTP header value {value!r}")
-    lname = name.lower()
-    entry = (b"%b: %b\r\n" % (name, value), _KINDS.get(lname, ORDINARY), lname)
+def header_line(header: tuple[bytes, bytes]) -> tuple[bytes, fields.Kind, bytes]:
+    """Check one response header (`fields.check`) and format its line, cached."""
+    lname, kind = fields.check(header)
+    entry = (b"%b: %b\r\n" % header, kind, lname)
     if isinstance(header, tuple):
         if len(HEADER_LINES) >= _HEADER_LINES_MAX:
             HEADER_LINES.clear()
@@ -79,6 +63,38 @@ def valid_host(value: bytes) -> bool:
         _valid_hosts.clear()
     _valid_hosts.add(value)
     return True
+
+
+class Framing(enum.Enum):
+    """How a response body is delimited on the wire (RFC 9112 §6)."""
+
+    NONE = enum.auto()  # no body at all: HEAD, 1xx, 204, 304
+    LENGTH = enum.auto()  # Content-Length
+    CHUNKED = enum.auto()  # Transfer-Encoding: chunked
+    UNTIL_CLOSE = enum.auto()  # HTTP/1.0 without a length: the close ends the body
+
+
+NONE = Framing.NONE
+LENGTH = Framing.LENGTH
+CHUNKED = Framing.CHUNKED
+UNTIL_CLOSE = Framing.UNTIL_CLOSE
+
+
+def body_framing(
+    status: int, head: bool, length: int | None, app_coding: bool, whole: bool, http10: bool
+) -> Framing:
+    """The framing of a response, chosen once from its head (RFC 9112 §6.3): `length` is the
+    app's Content-Length, `app_coding` whether it set Transfer-Encoding itself, `whole` whether
+    the first body message is the last one (then the server adds Content-Length)."""
+    if head or status in NO_BODY_STATUSES or status < 200:
+        return NONE
+    if length is not None:
+        return LENGTH
+    if app_coding:  # the app frames its body itself (RFC 9112 §6.1: chunked, last)
+        return CHUNKED
+    if whole:
+        return LENGTH
+    return UNTIL_CLOSE if http10 else CHUNKED
 
 
 def chunk(data: bytes) -> bytes:
@@ -105,15 +121,19 @@ def default_header_lines(
     return lines
 
 
-def simple_response(status: int, body: bytes, defaults: bytes, close: bool = True) -> bytes:
-    """A complete plain-text response, e.g. for a rejected request or an app error."""
+PLAIN = b"content-type: text/plain; charset=utf-8\r\n"
+
+
+def simple_response(status: int, body: bytes, lines: bytes, close: bool = True) -> bytes:
+    """A complete response with `body`, e.g. for a rejected request or an app error: `lines`
+    are its header lines but for Content-Length and Connection."""
     connection = b"connection: close\r\n" if close else b""
     return b"".join(
         (
             status_line(status),
-            b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body),
+            b"content-length: %d\r\n" % len(body),
             connection,
-            defaults,
+            lines,
             CRLF,
             body,
         )

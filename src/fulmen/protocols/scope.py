@@ -1,0 +1,70 @@
+"""The ASGI `http` scope, built the same way for every protocol.
+
+HTTP/1.1 takes the path from its request target, HTTP/2 and HTTP/3 from `:path`; from there
+the rules are shared: percent-decoding, `root_path`, interned method strings, a shallow copy
+of the lifespan state, and the proxy headers of a trusted peer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from fulmen.middleware.proxy_headers import ProxyHeaders
+from fulmen.state import ServerState
+
+ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
+# Method bytes -> str, so that the same methods share one string; bounded against junk methods.
+_METHODS: dict[bytes, str] = {}
+_METHODS_MAX = 64
+
+
+def method_name(method: bytes) -> str:
+    name = _METHODS.get(method)
+    if name is None:
+        name = method.decode("ascii")
+        if len(_METHODS) < _METHODS_MAX:
+            _METHODS[method] = name
+    return name
+
+
+def http_scope(
+    state: ServerState,
+    method: bytes,
+    raw_path: bytes,
+    query: bytes,
+    version: str,
+    headers: list[tuple[bytes, bytes]],
+    endpoints: tuple[tuple[str, int] | None, tuple[str, int] | None, str],
+    proxy: ProxyHeaders | None,
+) -> dict[str, Any]:
+    """The scope of one request. `endpoints` is (client, server, scheme) of the connection; `proxy`
+    is given only when the peer is trusted and the request carries forwarding headers."""
+    if b"%" in raw_path or not raw_path.isascii():
+        path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+    else:
+        path = raw_path.decode("ascii")
+    root_path = state.root_path
+    if root_path:
+        path = root_path + path
+        raw_path = root_path.encode("utf-8") + raw_path
+    client, server, scheme = endpoints
+    scope = {
+        "type": "http",
+        "asgi": ASGI_INFO,
+        "http_version": version,
+        "server": server,
+        "client": client,
+        "scheme": scheme,
+        "method": method_name(method),
+        "root_path": root_path,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query,
+        "headers": headers,
+        "state": state.app_state.copy(),
+        "extensions": {},
+    }
+    if proxy is not None:
+        proxy.apply(scope)
+    return scope
