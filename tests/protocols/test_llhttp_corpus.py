@@ -40,6 +40,7 @@ from fulmen import Config
 from fulmen.protocols.http1 import H1Connection
 from fulmen.protocols.parsers import Limits, ParseError, parser_class
 from fulmen.state import ServerState
+from tests.protocols.harness import FakeTransport
 from tests.protocols.http1_raw import poll_until
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "llhttp" / "request"
@@ -262,40 +263,6 @@ def parse(name: str, *pieces: bytes) -> ParserVerdict:
 
 
 # fulmen: an adapter under the real H1Connection
-
-
-class FakeTransport:
-    """What `H1Connection` uses of an asyncio transport; `close()` ends the connection soon,
-    as asyncio does."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
-        self.loop = loop
-        self.protocol = protocol
-        self.written = b""
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        if not self.closing:
-            self.written += data
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.loop.call_soon(self.protocol.connection_lost, None)
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,19 @@
+"""Fixtures of the protocol tests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """caplog, seeing the `fulmen` loggers even where a logging config stopped propagation."""
+    monkeypatch.setattr(logging.getLogger("fulmen"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("fulmen.access"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="fulmen")
+    caplog.set_level(logging.INFO, logger="fulmen.access")
+    yield caplog
