@@ -16,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fulmen.addresses import check_binding, parse_address
 from fulmen.logging import AccessFormat
-from fulmen.metrics import parse_address
 from fulmen.protocols.engines import engine_name
-from fulmen.sockets import check_binding
 from fulmen.types import ASGIApp
 
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
