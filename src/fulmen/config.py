@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fulmen.access import AccessFormat
 from fulmen.addresses import check_binding, parse_address
-from fulmen.logging import AccessFormat
 from fulmen.protocols.engines import engine_name
 from fulmen.types import ASGIApp
 
