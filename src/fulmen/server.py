@@ -177,7 +177,7 @@ class Server:
         scheme = "http" if ssl_context is None else "https"
         factory: Callable[[], asyncio.Protocol] = functools.partial(H1Connection, self.state)
         if config.proxy_protocol:  # off: the factory is the connection itself, at no cost
-            factory = proxy_protocol.connection_factory(self.state, config)
+            factory = proxy_protocol.connection_factory(self.state, config.trusted_hosts)
         if self.metrics is not None and config.metrics_bind:
             await self._listen_metrics(config.metrics_bind)
         owned = sockets is None
@@ -187,7 +187,14 @@ class Server:
         for sock in sockets:
             server: asyncio.AbstractServer
             if config.proxy_protocol and ssl_context is not None:  # the header comes before TLS
-                server = ProxyTLSListener(self.state, config, sock, ssl_context)
+                server = ProxyTLSListener(
+                    self.state,
+                    sock,
+                    ssl_context,
+                    trusted_hosts=config.trusted_hosts,
+                    handshake_timeout=config.timeout_tls_handshake,
+                    backlog=config.backlog,
+                )
             elif sock.family == socket.AF_UNIX:
                 server = await self._loop.create_unix_server(factory, sock=sock, **tls, **_UNIX)
             else:

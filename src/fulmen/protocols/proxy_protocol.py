@@ -22,7 +22,6 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols.http1 import H1Connection
 from fulmen.state import ServerState
@@ -238,8 +237,8 @@ class ProxyProtocol(asyncio.Protocol):
             conn.data_received(rest)
 
 
-def connection_factory(state: ServerState, config: Config) -> Callable[[], ProxyProtocol]:
+def connection_factory(state: ServerState, trusted_hosts: list[str]) -> Callable[[], ProxyProtocol]:
     """The server's protocol factory with `--proxy-protocol` on, without TLS (with TLS, see
-    `proxy_tls`)."""
-    trusted = ProxyHeaders(config.trusted_hosts)
+    `proxy_tls`), for balancers among `trusted_hosts` (`--forwarded-allow-ips`)."""
+    trusted = ProxyHeaders(trusted_hosts)
     return lambda: ProxyProtocol(state, trusted)

@@ -19,7 +19,6 @@ import socket
 import ssl
 from typing import Any, cast
 
-from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols.http1 import H1Connection
 from fulmen.protocols.proxy_protocol import (
@@ -106,23 +105,28 @@ class ProxyTLSListener(asyncio.AbstractServer):
     def __init__(
         self,
         state: ServerState,
-        config: Config,
         sock: socket.socket,
         context: ssl.SSLContext,
+        *,
+        trusted_hosts: list[str],
+        handshake_timeout: float,
+        backlog: int,
     ) -> None:
+        """Serve `sock` with TLS `context`, for balancers among `trusted_hosts`
+        (`--forwarded-allow-ips`); `handshake_timeout` and `backlog` are the options'."""
         self.state = state
         self.loop = state.loop
         self.sock = sock
         self.context = context
-        self.handshake_timeout = config.timeout_tls_handshake
-        self.backlog = config.backlog
-        self.trusted = ProxyHeaders(config.trusted_hosts)
+        self.handshake_timeout = handshake_timeout
+        self.backlog = backlog
+        self.trusted = ProxyHeaders(trusted_hosts)
         self.handshakes: set[asyncio.Task[Any]] = set()
         self.retry: asyncio.TimerHandle | None = None  # accepting again after EMFILE & co
         self.serving = True
         self.closed = asyncio.Event()
         sock.setblocking(False)
-        sock.listen(config.backlog)
+        sock.listen(backlog)
         self.loop.add_reader(sock.fileno(), self._accept)
 
     @property
