@@ -5,8 +5,9 @@ uvloop start TLS the moment they accept, and neither can hand bytes it already r
 handshake; the header and the start of the ClientHello often arrive in one segment. So such a
 listener accepts its connections itself and reads the header straight from the socket without
 taking one byte past it: it peeks, then consumes exactly the bytes that belong to the header.
-The socket then goes to `loop.connect_accepted_socket(..., ssl=context)`, which runs the handshake
-and an ordinary `H1Connection` whose peer is the client the header names.
+The socket then goes to `loop.connect_accepted_socket(..., ssl=context)`, which runs the
+handshake; then the connection is handed to the protocol `dispatch.connection` gives for the
+negotiated ALPN protocol (HTTP/1.1), with the client the header names as its peer.
 
 Only listeners with both options run this; plain `--proxy-protocol` and plain TLS are untouched.
 """
@@ -20,7 +21,7 @@ import ssl
 from typing import Any, cast
 
 from fulmen.middleware.proxy_headers import ProxyHeaders
-from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols import dispatch
 from fulmen.protocols.proxy_protocol import (
     Peer,
     ProxiedTransport,
@@ -36,33 +37,25 @@ PEEK = 4096  # a v1 header is at most 107 bytes; a longer v2 one is read in seve
 ACCEPT_RETRY_DELAY = 1.0  # out of file descriptors: stop accepting for a second (as asyncio)
 
 
-class ProxiedH1Connection(H1Connection):
-    """An `H1Connection` whose peer is the client named by the PROXY header."""
-
-    __slots__ = ("peer",)
-
-    def __init__(self, state: ServerState, peer: Peer) -> None:
-        super().__init__(state)
-        self.peer = peer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.peer is not None:
-            transport = ProxiedTransport(cast(asyncio.Transport, transport), self.peer)
-        super().connection_made(transport)
-
-
-class HeaderReader:
+class HeaderReader(asyncio.Protocol):
     """One accepted connection until its PROXY header is read. It is one of the server's
-    connections meanwhile: the tick times it out, a shutdown closes it."""
+    connections meanwhile: the tick times it out, a shutdown closes it. Then it is the protocol
+    the TLS handshake reports to, and hands the connection over (`connection_made`)."""
 
-    __slots__ = ("buffer", "deadline", "listener", "sock", "transport")
+    __slots__ = ("buffer", "deadline", "listener", "peer", "sock")
 
     def __init__(self, listener: ProxyTLSListener, sock: socket.socket) -> None:
         self.listener = listener
         self.sock = sock
         self.buffer = b""  # the header bytes consumed so far
         self.deadline = listener.state.clock + listener.state.timeout_request_header
-        self.transport = self  # the server aborts `conn.transport` of what is left at the end
+        self.peer: Peer = None  # the client the header names, once read
+
+    @property
+    def transport(self) -> HeaderReader:
+        """The server aborts `conn.transport` of the connections left at the end: this one
+        aborts itself."""
+        return self
 
     def readable(self) -> None:
         try:
@@ -97,6 +90,14 @@ class HeaderReader:
         logger.debug("Closing connection: %s.", reason)
         self.listener.forget(self)
         self.sock.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TLS handshake is done: hand the connection to the protocol for the ALPN
+        protocol it agreed on, with the client from the header as its peer."""
+        tls = cast(asyncio.Transport, transport)
+        conn = dispatch.connection(self.listener.state, dispatch.negotiated(tls))
+        tls.set_protocol(conn)
+        conn.connection_made(tls if self.peer is None else ProxiedTransport(tls, self.peer))
 
 
 class ProxyTLSListener(asyncio.AbstractServer):
@@ -166,9 +167,9 @@ class ProxyTLSListener(asyncio.AbstractServer):
 
     def start_tls(self, reader: HeaderReader, peer: Peer) -> None:
         self.forget(reader)
-        state = self.state
+        reader.peer = peer
         handshake = self.loop.connect_accepted_socket(
-            lambda: ProxiedH1Connection(state, peer),
+            lambda: reader,
             reader.sock,
             ssl=self.context,
             ssl_handshake_timeout=self.handshake_timeout,
