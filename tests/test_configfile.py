@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from fulmen import cli
-from fulmen.config import Config
+from fulmen.config import OPTION_FIELDS, Config
 from fulmen.configfile import ConfigFileError, load_env_file, read_config_file
 from tests.conftest import TIMEOUT
 from tests.helpers import STARTED, Fulmen, Process, clean_env, run_fulmen
@@ -193,10 +193,10 @@ def test_python_3_10_needs_tomli(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "version_info", (3, 10, 14))
     tomllib = pytest.importorskip("tomllib")
     monkeypatch.setitem(sys.modules, "tomli", tomllib)  # tomli is the package tomllib came from
-    assert read_config_file(path) == {"port": 8001}
+    assert read_config_file(path, OPTION_FIELDS) == {"port": 8001}
     monkeypatch.setitem(sys.modules, "tomli", None)  # not installed
     with pytest.raises(ConfigFileError, match=r"needs Python 3\.11 or the 'tomli' package"):
-        read_config_file(path)
+        read_config_file(path, OPTION_FIELDS)
 
 
 # Python: keyword arguments win over the file.

@@ -15,9 +15,9 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from fulmen import Config
+from fulmen.access import AccessFormat
 from fulmen.logging import (
     LOGGING_CONFIG,
-    AccessFormat,
     JsonFormatter,
     LogConfigError,
     apply_log_config,

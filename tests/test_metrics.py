@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from fulmen import Config
-from fulmen.metrics import BUCKETS, Metrics, parse_address
+from fulmen.addresses import parse_address
+from fulmen.metrics import BUCKETS, Metrics
 from tests.conftest import TIMEOUT, RunningServer
 from tests.helpers import Fulmen, clean_env, run_fulmen
 

@@ -18,13 +18,12 @@ import httpx
 import pytest
 
 from fulmen import Config, sockets
+from fulmen.addresses import Address, parse_bind
 from fulmen.sockets import (
-    Address,
     bind_sockets,
     bind_unix,
     describe,
     from_fd,
-    parse_bind,
     remove_socket_files,
     socket_files,
     systemd_sockets,

@@ -59,7 +59,7 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is None or ctx.resilient_parsing:
         return value
     try:
-        options = read_config_file(value)
+        options = read_config_file(value, OPTION_FIELDS)
     except ConfigFileError as exc:
         raise click.UsageError(str(exc), ctx) from None
     ctx.default_map = {**(ctx.default_map or {}), **options}

@@ -8,7 +8,6 @@ The click command (`cli.py`), the `FULMEN_*` environment variables, `fulmen.run(
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 import ssl
@@ -16,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fulmen.logging import AccessFormat
-from fulmen.metrics import parse_address
+from fulmen.access import AccessFormat
+from fulmen.addresses import check_binding, parse_address
+from fulmen.configfile import load_env_file, read_config_file
+from fulmen.options import check_names, option
 from fulmen.protocols.engines import engine_name
-from fulmen.sockets import check_binding
 from fulmen.types import ASGIApp
 
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
@@ -30,30 +30,6 @@ LIFESPAN_CHOICES = ("auto", "on", "off")
 INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi", "consumer")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    flag: str | None = None,
-    choices: tuple[str, ...] | None = None,
-    multiple: bool = False,
-    metavar: str | None = None,
-    kind: type | None = None,
-) -> Any:
-    """Declare one option: its default, help text and how the CLI spells it."""
-    meta = {
-        "help": help,
-        "flag": flag,
-        "choices": choices,
-        "multiple": multiple,
-        "metavar": metavar,
-        "kind": kind,
-    }
-    if multiple:
-        return field(default_factory=list, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(kw_only=True)
@@ -292,9 +268,7 @@ class Config:
         if self.timeout_tls_handshake <= 0:
             raise ValueError("timeout_tls_handshake must be greater than 0")
         if self.env_file is not None:  # first, as uvicorn: it may set the variables below
-            from fulmen.configfile import load_env_file  # (the IO lives there)
-
-            load_env_file(self.env_file)
+            load_env_file(self.env_file)  # (the IO lives in configfile)
         if self.forwarded_allow_ips is None:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
         self._check_reload()
@@ -359,11 +333,7 @@ OPTION_NAMES = frozenset(f.name for f in OPTION_FIELDS)
 
 def check_options(options: dict[str, Any]) -> None:
     """Reject unknown option names, suggesting the nearest known one."""
-    for name in options:
-        if name not in OPTION_NAMES:
-            near = difflib.get_close_matches(name, OPTION_NAMES, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise TypeError(f"unknown fulmen option {name!r}{hint}")
+    check_names(options, OPTION_NAMES)
 
 
 def _checked(init: Callable[..., None]) -> Callable[..., None]:
@@ -371,9 +341,7 @@ def _checked(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Config, app: Any, **options: Any) -> None:
         check_options(options)
         if options.get("config") is not None:  # keyword arguments win over the file's options
-            from fulmen.configfile import read_config_file
-
-            from_file = read_config_file(options["config"])
+            from_file = read_config_file(options["config"], OPTION_FIELDS)
             from_file.pop("app", None)  # the `app` argument is always given in Python
             options = {**from_file, **options}
         init(self, app, **options)

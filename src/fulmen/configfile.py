@@ -4,7 +4,9 @@ environment).
 The IO behind two options of `fulmen.config.Config`, kept out of that module. A TOML file holds
 options under the names of `Config`'s fields (`port = 8001`, `headers = ["X-A: 1"]`), plus
 `app`. Values are checked against each field's kind here, so a mistake names the file and the
-key rather than surfacing later as a click conversion or a crash.
+key rather than surfacing later as a click conversion or a crash. The fields are passed in
+(`read_config_file(path, OPTION_FIELDS)`): this module does not import `config`, which
+imports it.
 
 Precedence, highest first: command line, `FULMEN_*` environment, the file, the defaults (the
 click command passes the file as its `default_map`); in Python, keyword arguments win over the
@@ -18,13 +20,12 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from fulmen.config import OPTION_FIELDS, check_options
+from fulmen.options import check_names
 
 logger = logging.getLogger("fulmen.error")
-
-_FIELDS = {f.name: f for f in OPTION_FIELDS}
 
 
 class ConfigFileError(ValueError):
@@ -46,8 +47,9 @@ def _toml() -> Any:
         ) from None
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The options in TOML file `path` (with `app` when it names one), checked."""
+def read_config_file(path: str, fields: Sequence[dataclasses.Field[Any]]) -> dict[str, Any]:
+    """The options in TOML file `path` (with `app` when it names one), checked against the
+    option `fields` (`fulmen.config.OPTION_FIELDS`)."""
     toml = _toml()
     try:
         with open(path, "rb") as file:
@@ -60,19 +62,22 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigFileError(f"{path}: invalid TOML: {exc}") from None
     if "config" in data:
         raise ConfigFileError(f"{path}: 'config' cannot be set in a configuration file")
+    table = {f.name: f for f in fields}
     try:
-        check_options({key: None for key in data if key != "app"})
+        check_names([key for key in data if key != "app"], table)
     except TypeError as exc:
         raise ConfigFileError(f"{path}: {exc}") from None
-    return {key: _checked_value(path, key, value) for key, value in data.items()}
+    return {key: _checked_value(path, key, value, table) for key, value in data.items()}
 
 
-def _checked_value(path: str, key: str, value: Any) -> Any:
+def _checked_value(
+    path: str, key: str, value: Any, table: dict[str, dataclasses.Field[Any]]
+) -> Any:
     """`value` if it has the kind option `key` takes (an int is a float too)."""
     if key == "app":
         expected, ok = "a string 'module:attribute'", isinstance(value, str)
         return _or_fail(path, key, value, expected, ok)
-    f = _FIELDS[key]
+    f = table[key]
     meta = f.metadata
     if meta["choices"]:
         ok = isinstance(value, str) and value in meta["choices"]

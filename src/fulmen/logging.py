@@ -3,26 +3,27 @@
 Loggers: `fulmen.error` (server events, app tracebacks) and `fulmen.access` (one line per
 request), both under `fulmen`. Levels are coloured when the stream is a TTY. Lines are text or,
 with `--log-format json`, one JSON object each; `--log-config` applies the user's configuration
-on top of fulmen's; `--access-log-format` chooses the fields of access lines (`AccessFormat`).
+on top of fulmen's. The fields of access lines (`--access-log-format`) are `fulmen.access`'s.
 """
 
 from __future__ import annotations
 
 import configparser
 import copy
-import datetime
 import json
 import logging
 import logging.config
 import os
-import re
 import sys
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from fulmen.protocols.wire import escape
+# The names imported `as` themselves are re-exported: `fulmen.state` imports them from here.
+from fulmen.access import DEFAULT_ACCESS_FORMAT as DEFAULT_ACCESS_FORMAT
+from fulmen.access import AccessFormat as AccessFormat
+from fulmen.access import iso_time
+from fulmen.access import timed_app as timed_app
 
 if TYPE_CHECKING:
     from fulmen.config import Config
@@ -224,7 +225,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "timestamp": _iso(record.created),
+            "timestamp": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -240,146 +241,6 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         return json.dumps(out, default=str)
-
-
-def _iso(created: float) -> str:
-    moment = datetime.datetime.fromtimestamp(created).astimezone()
-    return moment.isoformat(timespec="milliseconds")
-
-
-# Access line formats (--access-log-format)
-
-# The default line, as atoms: `127.0.0.1:51234 - "GET /path?q=1 HTTP/1.1" 200`.
-DEFAULT_ACCESS_FORMAT = '%(client)s - "%(method)s %(target)s %(protocol)s" %(status)d'
-_ATOM = re.compile(r"%\(([^)]*)\)")
-_HEADER_ATOM = re.compile(r"\{([!#$%&'*+.^_`|~0-9A-Za-z-]+)\}([io])")
-# Each atom with a sample value, to check the format's conversions once, at startup.
-ATOMS: dict[str, Any] = {
-    "client": "127.0.0.1:51234",
-    "method": "GET",
-    "path": "/",
-    "query": "",
-    "target": "/",
-    "protocol": "HTTP/1.1",
-    "scheme": "http",
-    "status": 200,
-    "bytes": 0,
-    "duration_ms": 0.0,
-    "timestamp": "2000-01-01T00:00:00.000+00:00",
-}
-_TIMED = frozenset(("bytes", "duration_ms"))
-STATS_KEY = "fulmen.access"  # scope key of [start time, body bytes] when the format uses them
-
-
-class AccessFormat:
-    """A parsed `--access-log-format`: which atoms it uses, computed only those per line."""
-
-    def __init__(self, fmt: str) -> None:
-        self.fmt = fmt
-        self.atoms: list[str] = []
-        self.request_headers: list[tuple[str, bytes]] = []
-        self.response_headers: list[tuple[str, bytes]] = []
-        for key in dict.fromkeys(_ATOM.findall(fmt)):
-            header = _HEADER_ATOM.fullmatch(key)
-            if header is not None:
-                target = self.request_headers if header[2] == "i" else self.response_headers
-                target.append((key, header[1].lower().encode("ascii")))
-            elif key in ATOMS:
-                self.atoms.append(key)
-            else:
-                raise ValueError(
-                    f"access_log_format: unknown atom %({key}); use {', '.join(ATOMS)}, "
-                    "{header-name}i or {header-name}o"
-                )
-        sample = {key: ATOMS[key] for key in self.atoms}
-        sample.update((key, "-") for key, _ in self.request_headers + self.response_headers)
-        try:
-            fmt % sample
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"access_log_format {fmt!r} is not a valid format: {exc}") from None
-        self.timed = not _TIMED.isdisjoint(self.atoms)
-
-    def log(self, scope: dict[str, Any], status: int, headers: Any) -> None:
-        """Log one access line for a request `scope` answered with `status` and `headers`."""
-        fields = self.fields(scope, status, headers)
-        text = {k: escape(v) if isinstance(v, str) else v for k, v in fields.items()}
-        access_logger.info(self.fmt, text, extra={"status_code": status, "access": fields})
-
-    def fields(self, scope: dict[str, Any], status: int, headers: Any) -> dict[str, Any]:
-        """The raw (unescaped) value of each atom the format uses."""
-        fields: dict[str, Any] = {}
-        for atom in self.atoms:
-            fields[atom] = _COMPUTE[atom](scope, status)
-        for key, name in self.request_headers:
-            fields[key] = _header(scope["headers"], name)
-        for key, name in self.response_headers:
-            fields[key] = _header(headers, name)
-        return fields
-
-
-access_logger = logging.getLogger("fulmen.access")
-
-
-def _header(headers: Any, name: bytes) -> str:
-    values = [bytes(value) for key, value in headers if bytes(key).lower() == name]
-    return b", ".join(values).decode("latin-1") if values else "-"
-
-
-def _client(scope: dict[str, Any], status: int) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "-"
-
-
-def _query(scope: dict[str, Any]) -> str:
-    return bytes(scope.get("query_string", b"")).decode("latin-1")
-
-
-def _target(scope: dict[str, Any], status: int) -> str:
-    query = _query(scope)
-    return f"{scope['path']}?{query}" if query else str(scope["path"])
-
-
-def _stat(scope: dict[str, Any], index: int) -> Any:
-    stats = scope.get(STATS_KEY)
-    if stats is None:
-        return 0
-    return stats[1] if index else (time.perf_counter() - stats[0]) * 1000.0
-
-
-_COMPUTE: dict[str, Any] = {
-    "client": _client,
-    "method": lambda scope, status: scope.get("method", "GET"),  # a WebSocket scope has none
-    "path": lambda scope, status: scope["path"],
-    "query": lambda scope, status: _query(scope),
-    "target": _target,
-    "protocol": lambda scope, status: f"HTTP/{scope['http_version']}",
-    "scheme": lambda scope, status: scope["scheme"],
-    "status": lambda scope, status: status,
-    "bytes": lambda scope, status: _stat(scope, 1),
-    "duration_ms": lambda scope, status: _stat(scope, 0),
-    "timestamp": lambda scope, status: _iso(time.time()),
-}
-
-
-def timed_app(app: Any) -> Any:
-    """Wrap `app` to record, in its scope, when it started and the body bytes it sent: for the
-    `bytes` and `duration_ms` atoms only. The counts are taken before each message is passed
-    on, because the access line is written inside the last `send`."""
-
-    async def timed(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        stats = scope[STATS_KEY] = [time.perf_counter(), 0]
-
-        async def counting_send(message: Any) -> None:
-            if message["type"] == "http.response.body":
-                stats[1] += len(message.get("body", b""))
-            await send(message)
-
-        await app(scope, receive, counting_send)
-
-    return timed
 
 
 def configure_with(config: Config) -> None:

@@ -1,7 +1,7 @@
 """`--metrics-bind HOST:PORT`: a Prometheus text endpoint (exposition format 0.0.4).
 
 Off by default, and then free: nothing here is imported into the request path. When on, the
-application is wrapped (as `logging.timed_app` does for the access log's timing) to count each
+application is wrapped (as `access.timed_app` does for the access log's timing) to count each
 HTTP request by status, the requests in flight and a histogram of their durations; the number
 of open connections is read from the server's state when scraped. A second, plain asyncio
 listener answers `GET /metrics` (one request per connection, then closed).
@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fulmen.sockets import bind_tcp, parse_bind
+from fulmen.addresses import parse_address
+from fulmen.sockets import bind_tcp
 from fulmen.types import ASGIApp, Message, Receive, Scope, Send
 
 # Prometheus' default buckets (seconds); +Inf is implied.
@@ -34,17 +35,6 @@ MAX_HEAD = 8192
 # A worker's counters as sent to its supervisor: requests by status, requests in flight, the
 # histogram's per-bucket counts, its sum and count, and the open connections.
 Snapshot = tuple[dict[int, int], int, list[int], float, int, int]
-
-
-def parse_address(value: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPV6]:PORT` (a ValueError otherwise)."""
-    try:
-        address = parse_bind(value)
-    except ValueError:
-        address = None
-    if address is None or address.kind != "tcp":
-        raise ValueError(f"--metrics-bind {value!r}: expected HOST:PORT or [IPV6]:PORT")
-    return address.host, address.port
 
 
 class Metrics:

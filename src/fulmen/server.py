@@ -24,8 +24,7 @@ from fulmen.loops import loop_factory
 from fulmen.loops import run as run_loop
 from fulmen.metrics import Metrics, start_endpoint
 from fulmen.middleware.message_logger import log_messages
-from fulmen.protocols import proxy_protocol
-from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols import dispatch, proxy_protocol
 from fulmen.protocols.proxy_tls import ProxyTLSListener
 from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
@@ -175,9 +174,11 @@ class Server:
             # sooner (both asyncio and uvloop honour the argument).
             tls = {"ssl": ssl_context, "ssl_handshake_timeout": config.timeout_tls_handshake}
         scheme = "http" if ssl_context is None else "https"
-        factory: Callable[[], asyncio.Protocol] = functools.partial(H1Connection, self.state)
-        if config.proxy_protocol:  # off: the factory is the connection itself, at no cost
-            factory = proxy_protocol.connection_factory(self.state, config)
+        # `dispatch` chooses each connection's protocol, as the loop accepts it (before a TLS
+        # handshake: no ALPN result is known yet).
+        factory: Callable[[], asyncio.Protocol] = functools.partial(dispatch.connection, self.state)
+        if config.proxy_protocol:  # off: nothing runs before the connection's protocol
+            factory = proxy_protocol.connection_factory(self.state, config.trusted_hosts)
         if self.metrics is not None and config.metrics_bind:
             await self._listen_metrics(config.metrics_bind)
         owned = sockets is None
@@ -187,7 +188,14 @@ class Server:
         for sock in sockets:
             server: asyncio.AbstractServer
             if config.proxy_protocol and ssl_context is not None:  # the header comes before TLS
-                server = ProxyTLSListener(self.state, config, sock, ssl_context)
+                server = ProxyTLSListener(
+                    self.state,
+                    sock,
+                    ssl_context,
+                    trusted_hosts=config.trusted_hosts,
+                    handshake_timeout=config.timeout_tls_handshake,
+                    backlog=config.backlog,
+                )
             elif sock.family == socket.AF_UNIX:
                 server = await self._loop.create_unix_server(factory, sock=sock, **tls, **_UNIX)
             else:

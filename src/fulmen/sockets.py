@@ -7,7 +7,8 @@ Which sockets a server listens on, the first rule that applies:
 2. `--bind`, repeatable: `HOST:PORT`, `[IPV6]:PORT`, `unix:PATH`, `fd://N`;
 3. `--fd`, then `--uds`, then `--host`/`--port`.
 
-Everything here runs before the event loop serves; `check_binding` is pure, for `Config`.
+Everything here runs before the event loop serves. The address forms are parsed (and checked
+for `Config`) in `fulmen.addresses`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import contextlib
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
+
+from fulmen.addresses import addresses
 
 if TYPE_CHECKING:
     from fulmen.config import Config
@@ -24,61 +27,6 @@ if TYPE_CHECKING:
 # sd_listen_fds(3): passed sockets start after stdin, stdout and stderr.
 SD_LISTEN_FDS_START = 3
 _SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"
-
-
-class Address(NamedTuple):
-    """One place to listen: `kind` is "tcp" (host, port), "unix" (path) or "fd" (fd)."""
-
-    kind: str
-    host: str = ""
-    port: int = 0
-    path: str = ""
-    fd: int = -1
-
-
-def parse_bind(value: str) -> Address:
-    """One `--bind` value; a ValueError names the accepted forms."""
-    if value.startswith("unix:"):
-        if len(value) == 5:
-            raise ValueError("--bind unix:PATH needs a path")
-        return Address("unix", path=value[5:])
-    if value.startswith("fd://"):
-        number = value[5:]
-        if not number.isdigit():
-            raise ValueError(f"--bind {value!r}: fd://N needs a file descriptor number")
-        return Address("fd", fd=int(number))
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"--bind {value!r}: write an IPv6 address in brackets, as [::1]:8000")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"--bind {value!r}: expected {_BIND_FORMS}")
-    if int(port) > 65535:
-        raise ValueError(f"--bind {value!r}: port must be between 0 and 65535")
-    return Address("tcp", host=host, port=int(port))
-
-
-def addresses(config: Config) -> list[Address]:
-    """The addresses `config` asks for (without systemd activation, which overrides them)."""
-    if config.bind:
-        return [parse_bind(value) for value in config.bind]
-    if config.fd is not None:
-        return [Address("fd", fd=config.fd)]
-    if config.uds:
-        return [Address("unix", path=config.uds)]
-    host = config.host
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return [Address("tcp", host=host, port=config.port)]
-
-
-def check_binding(config: Config) -> None:
-    """Reject malformed or repeated `--bind` values (a usage error, before anything binds)."""
-    wanted = addresses(config)
-    if len(set(wanted)) != len(wanted):
-        raise ValueError("the same address is given twice in --bind")
 
 
 def bind_sockets(config: Config) -> list[socket.socket]:

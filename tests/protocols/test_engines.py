@@ -17,7 +17,8 @@ from websockets.streams import StreamReader
 
 from fulmen import Config
 from fulmen.cli import main
-from fulmen.protocols.engines import DATA, engine_factory, engine_name, plain_frame
+from fulmen.protocols.engines import engine_factory, engine_name
+from fulmen.protocols.engines.base import DATA, plain_frame
 from fulmen.protocols.engines.websockets import WebsocketsFactory, _whole_frames
 
 SIZES = [0, 1, 125, 126, 65535, 65536, 70000]

@@ -3,8 +3,9 @@
 A TCP balancer (HAProxy `send-proxy`/`send-proxy-v2`, AWS NLB, ...) that does not speak HTTP
 prefixes each connection with a header naming the client it accepted. With the option on, each
 accepted connection starts with `ProxyProtocol`, which buffers until the header is complete,
-then hands the transport to the normal `H1Connection` with the header's source address as its
-peer, and feeds it the bytes that followed. With the option off, none of this runs.
+then hands the transport to the protocol `dispatch.connection` gives (HTTP/1.1), with the
+header's source address as its peer, and feeds it the bytes that followed. With the option off,
+none of this runs.
 
 Specification: https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt (cited as "spec").
 Anything but a complete, valid header from a trusted peer closes the connection without a
@@ -22,9 +23,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
-from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols import dispatch
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -41,8 +41,8 @@ _LOCAL, _PROXY = 0x0, 0x1
 _UNSPEC, _INET, _INET6, _UNIX = 0x0, 0x1, 0x2, 0x3
 _STREAM = 0x1
 
-# The transport methods `H1Connection` and the WebSocket cycle call, bound once to the real
-# transport: a proxied connection pays no extra call per write.
+# The transport methods the HTTP/1.1 connection and the WebSocket cycle call, bound once to the
+# real transport: a proxied connection pays no extra call per write.
 _DELEGATED = (
     "abort",
     "can_write_eof",
@@ -231,15 +231,15 @@ class ProxyProtocol(asyncio.Protocol):
         transport = self.transport
         rest = self.buffer[size:]
         self.buffer = b""
-        conn = H1Connection(self.state)
+        conn = dispatch.connection(self.state)  # no TLS here (with TLS: proxy_tls), no ALPN
         transport.set_protocol(conn)
         conn.connection_made(transport if peer is None else ProxiedTransport(transport, peer))
         if rest and not transport.is_closing():
             conn.data_received(rest)
 
 
-def connection_factory(state: ServerState, config: Config) -> Callable[[], ProxyProtocol]:
+def connection_factory(state: ServerState, trusted_hosts: list[str]) -> Callable[[], ProxyProtocol]:
     """The server's protocol factory with `--proxy-protocol` on, without TLS (with TLS, see
-    `proxy_tls`)."""
-    trusted = ProxyHeaders(config.trusted_hosts)
+    `proxy_tls`), for balancers among `trusted_hosts` (`--forwarded-allow-ips`)."""
+    trusted = ProxyHeaders(trusted_hosts)
     return lambda: ProxyProtocol(state, trusted)

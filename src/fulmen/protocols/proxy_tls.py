@@ -5,8 +5,9 @@ uvloop start TLS the moment they accept, and neither can hand bytes it already r
 handshake; the header and the start of the ClientHello often arrive in one segment. So such a
 listener accepts its connections itself and reads the header straight from the socket without
 taking one byte past it: it peeks, then consumes exactly the bytes that belong to the header.
-The socket then goes to `loop.connect_accepted_socket(..., ssl=context)`, which runs the handshake
-and an ordinary `H1Connection` whose peer is the client the header names.
+The socket then goes to `loop.connect_accepted_socket(..., ssl=context)`, which runs the
+handshake; then the connection is handed to the protocol `dispatch.connection` gives for the
+negotiated ALPN protocol (HTTP/1.1), with the client the header names as its peer.
 
 Only listeners with both options run this; plain `--proxy-protocol` and plain TLS are untouched.
 """
@@ -19,9 +20,8 @@ import socket
 import ssl
 from typing import Any, cast
 
-from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
-from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols import dispatch
 from fulmen.protocols.proxy_protocol import (
     Peer,
     ProxiedTransport,
@@ -37,33 +37,25 @@ PEEK = 4096  # a v1 header is at most 107 bytes; a longer v2 one is read in seve
 ACCEPT_RETRY_DELAY = 1.0  # out of file descriptors: stop accepting for a second (as asyncio)
 
 
-class ProxiedH1Connection(H1Connection):
-    """An `H1Connection` whose peer is the client named by the PROXY header."""
-
-    __slots__ = ("peer",)
-
-    def __init__(self, state: ServerState, peer: Peer) -> None:
-        super().__init__(state)
-        self.peer = peer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.peer is not None:
-            transport = ProxiedTransport(cast(asyncio.Transport, transport), self.peer)
-        super().connection_made(transport)
-
-
-class HeaderReader:
+class HeaderReader(asyncio.Protocol):
     """One accepted connection until its PROXY header is read. It is one of the server's
-    connections meanwhile: the tick times it out, a shutdown closes it."""
+    connections meanwhile: the tick times it out, a shutdown closes it. Then it is the protocol
+    the TLS handshake reports to, and hands the connection over (`connection_made`)."""
 
-    __slots__ = ("buffer", "deadline", "listener", "sock", "transport")
+    __slots__ = ("buffer", "deadline", "listener", "peer", "sock")
 
     def __init__(self, listener: ProxyTLSListener, sock: socket.socket) -> None:
         self.listener = listener
         self.sock = sock
         self.buffer = b""  # the header bytes consumed so far
         self.deadline = listener.state.clock + listener.state.timeout_request_header
-        self.transport = self  # the server aborts `conn.transport` of what is left at the end
+        self.peer: Peer = None  # the client the header names, once read
+
+    @property
+    def transport(self) -> HeaderReader:
+        """The server aborts `conn.transport` of the connections left at the end: this one
+        aborts itself."""
+        return self
 
     def readable(self) -> None:
         try:
@@ -99,6 +91,14 @@ class HeaderReader:
         self.listener.forget(self)
         self.sock.close()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TLS handshake is done: hand the connection to the protocol for the ALPN
+        protocol it agreed on, with the client from the header as its peer."""
+        tls = cast(asyncio.Transport, transport)
+        conn = dispatch.connection(self.listener.state, dispatch.negotiated(tls))
+        tls.set_protocol(conn)
+        conn.connection_made(tls if self.peer is None else ProxiedTransport(tls, self.peer))
+
 
 class ProxyTLSListener(asyncio.AbstractServer):
     """Accepts on one listening socket; stands where `loop.create_server` would."""
@@ -106,23 +106,28 @@ class ProxyTLSListener(asyncio.AbstractServer):
     def __init__(
         self,
         state: ServerState,
-        config: Config,
         sock: socket.socket,
         context: ssl.SSLContext,
+        *,
+        trusted_hosts: list[str],
+        handshake_timeout: float,
+        backlog: int,
     ) -> None:
+        """Serve `sock` with TLS `context`, for balancers among `trusted_hosts`
+        (`--forwarded-allow-ips`); `handshake_timeout` and `backlog` are the options'."""
         self.state = state
         self.loop = state.loop
         self.sock = sock
         self.context = context
-        self.handshake_timeout = config.timeout_tls_handshake
-        self.backlog = config.backlog
-        self.trusted = ProxyHeaders(config.trusted_hosts)
+        self.handshake_timeout = handshake_timeout
+        self.backlog = backlog
+        self.trusted = ProxyHeaders(trusted_hosts)
         self.handshakes: set[asyncio.Task[Any]] = set()
         self.retry: asyncio.TimerHandle | None = None  # accepting again after EMFILE & co
         self.serving = True
         self.closed = asyncio.Event()
         sock.setblocking(False)
-        sock.listen(config.backlog)
+        sock.listen(backlog)
         self.loop.add_reader(sock.fileno(), self._accept)
 
     @property
@@ -162,9 +167,9 @@ class ProxyTLSListener(asyncio.AbstractServer):
 
     def start_tls(self, reader: HeaderReader, peer: Peer) -> None:
         self.forget(reader)
-        state = self.state
+        reader.peer = peer
         handshake = self.loop.connect_accepted_socket(
-            lambda: ProxiedH1Connection(state, peer),
+            lambda: reader,
             reader.sock,
             ssl=self.context,
             ssl_handshake_timeout=self.handshake_timeout,

@@ -15,7 +15,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
-from fulmen.protocols.engines import CLOSE, DATA, NO_STATUS, PONG, Event, plain_frame
+from fulmen.protocols.engines.base import CLOSE, DATA, NO_STATUS, PONG, Event, plain_frame
 
 # A data frame's opcode -> whether it starts a text message, a binary one, or continues one.
 _DATA = {Opcode.TEXT: True, Opcode.BINARY: False, Opcode.CONT: None}

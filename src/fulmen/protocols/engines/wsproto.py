@@ -21,7 +21,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 
-from fulmen.protocols.engines import CLOSE, DATA, NO_STATUS, PONG, Event, plain_frame
+from fulmen.protocols.engines.base import CLOSE, DATA, NO_STATUS, PONG, Event, plain_frame
 
 
 class BoundedDeflate(PerMessageDeflate):

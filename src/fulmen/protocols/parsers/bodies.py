@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from fulmen.protocols.parsers import ParseError
+from fulmen.protocols.parsers.base import ParseError
 
 MAX_LENGTH = 1 << 64  # llhttp's bound on Content-Length and chunk sizes
 TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"

@@ -18,7 +18,7 @@ import re
 
 import h11
 
-from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks, check_transfer_coding
+from fulmen.protocols.parsers.base import Limits, ParseError, ParserCallbacks, check_transfer_coding
 from fulmen.protocols.parsers.bodies import MAX_LENGTH, TOKEN, ChunkedBody
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httptools
 
-from fulmen.protocols.parsers import Limits, ParseError, ParserCallbacks
+from fulmen.protocols.parsers.base import Limits, ParseError, ParserCallbacks
 from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 
 # llhttp's messages for errors that mean something more precise than 400.

@@ -1,0 +1,73 @@
+"""What the HTTP/1.1 parser adapters and their caller share: the `Parser` interface, the
+callbacks it makes, its size `Limits`, `ParseError` and the Transfer-Encoding rule.
+
+A leaf: the adapters (`h11`, `httptools`, `bodies`) import it, and so does the package, which
+picks an adapter (`parser_class`) and re-exports these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ParseError(Exception):
+    """The request cannot be served; answer `status` and close the connection."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ParserCallbacks(Protocol):
+    def on_request(
+        self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_message_complete(self) -> None: ...
+
+
+def check_transfer_coding(coding: bytes, has_length: bool) -> None:
+    """Raise the `ParseError` a request's Transfer-Encoding (all its fields joined) deserves.
+
+    Shared by both adapters' callers, so the status does not depend on which parser noticed:
+    RFC 9112 §6.1: never with Content-Length (400); §6.3 and §7: `chunked` must be the final
+    coding and applied only once (400: the framing is ambiguous); a coding before it that the
+    server does not implement (any: fulmen decodes none) is 501.
+    """
+    if has_length:
+        raise ParseError(400, "Content-Length with Transfer-Encoding")
+    codings = [item.strip().lower() for item in coding.split(b",")]
+    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        # §6.3: without a final `chunked` the body length cannot be known: 400 is a MUST.
+        raise ParseError(400, "Invalid Transfer-Encoding")
+    if len(codings) > 1:
+        raise ParseError(501, "Unsupported transfer coding")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits shared by both parsers."""
+
+    request_line: int = 8192
+    head: int = 16384
+
+
+class Parser(Protocol):
+    """What the connection needs from a parser adapter."""
+
+    upgraded: bool  # the request asked to switch protocols: no more HTTP is parsed
+    trailing: bytes  # once upgraded, the bytes received after the request
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None:
+        """The connection is gone: drop the references back to it (its callbacks), so that
+        it is freed at once rather than by the cyclic garbage collector. No feed follows."""
+
+
+class ParserFactory(Protocol):
+    def __call__(self, callbacks: ParserCallbacks, limits: Limits) -> Parser: ...
