@@ -11,12 +11,6 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
-# The only cycle left, being removed in the same issue ("protocol-neutral request cycle"):
-# delete this entry then, and the test allows none.
-ALLOWED_CYCLES = {
-    frozenset({"fulmen.protocols.cycle", "fulmen.protocols.http1", "fulmen.protocols.websocket"}),
-}
-
 
 def _modules() -> dict[str, Path]:
     modules = {}
@@ -94,7 +88,7 @@ def test_cycles_are_found() -> None:
 
 
 def test_no_import_cycles() -> None:
-    unexpected = [sorted(c) for c in cycles(import_graph()) if c not in ALLOWED_CYCLES]
+    unexpected = [sorted(c) for c in cycles(import_graph())]
     assert unexpected == []
 
 

@@ -19,11 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-# The names imported `as` themselves are re-exported: `fulmen.state` imports them from here.
-from fulmen.access import DEFAULT_ACCESS_FORMAT as DEFAULT_ACCESS_FORMAT
-from fulmen.access import AccessFormat as AccessFormat
 from fulmen.access import iso_time
-from fulmen.access import timed_app as timed_app
 
 if TYPE_CHECKING:
     from fulmen.config import Config

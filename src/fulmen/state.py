@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from fulmen.access import DEFAULT_ACCESS_FORMAT, AccessFormat, timed_app
 from fulmen.config import Config
-from fulmen.logging import DEFAULT_ACCESS_FORMAT, AccessFormat, timed_app
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
 from fulmen.protocols.engines import engine_factory
