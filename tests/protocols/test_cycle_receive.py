@@ -1,11 +1,6 @@
-"""The contract of `RequestCycle` with its `Framer`, whatever the protocol: request body
-delivery, disconnects, backpressure and 100-continue; then what those calls become on the
-HTTP/1.1 wire, through the real `H1Connection` over a fake transport.
-
-Small ASGI apps run through `cycle.run(app)` over a `RecordingFramer`
-(`tests.protocols.harness`), and the framer calls they cause are checked exactly. A protocol's
-own framer (HTTP/2 per stream) can be checked against the same calls.
-"""
+"""The request side of the `RequestCycle` contract (see `test_cycle_contract`): body delivery,
+disconnects, backpressure and 100-continue; then what those calls become on the HTTP/1.1 wire,
+through the real `H1Connection` over a fake transport."""
 
 from __future__ import annotations
 
@@ -27,6 +22,21 @@ from tests.protocols.harness import (
 )
 
 TIMEOUT = 5.0
+
+
+def reading_app(received: list[Any]) -> Any:
+    """Records every message up to the last body part, then answers 200 with no body."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            received.append(message)
+            if not message["more_body"]:
+                break
+        await send(start())
+        await send(body())
+
+    return app
 
 
 # Request body
@@ -59,15 +69,7 @@ def test_body_fed_during_receive() -> None:
         cycle, framer = make_cycle()
         cycle.more_body = True
         received: list[Any] = []
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            while True:
-                message = await receive()
-                received.append(message)
-                if not message["more_body"]:
-                    break
-            await send(start())
-            await send(body())
+        app = reading_app(received)
 
         task = asyncio.ensure_future(cycle.run(app))
         assert await until(lambda: cycle.waiter is not None)
@@ -362,15 +364,7 @@ def test_100_continue_sent_once_on_first_receive() -> None:
         cycle.more_body = True
         cycle.expect_100 = True
         received: list[Any] = []
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            while True:
-                message = await receive()
-                received.append(message)
-                if not message["more_body"]:
-                    break
-            await send(start())
-            await send(body())
+        app = reading_app(received)
 
         task = asyncio.ensure_future(cycle.run(app))
         assert await until(lambda: cycle.waiter is not None)

@@ -84,7 +84,6 @@ class H1Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "client",
         "cycle",
         "deadline",
         "driving",
@@ -126,7 +125,7 @@ class H1Connection(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self.flow = FlowControl(transport)
         self.parser: Parser = state.parser_factory(self, state.limits)
-        self.client = client = _address(transport.get_extra_info("peername"))
+        client = _address(transport.get_extra_info("peername"))
         server = _address(transport.get_extra_info("sockname"))
         self.endpoints = (
             client,

@@ -7,6 +7,7 @@ engine (`engine_factory`) and re-exports these names.
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import Any, Protocol
 
@@ -16,7 +17,17 @@ from typing import Any, Protocol
 #   (PONG, payload)
 #   (CLOSE, code, reason): the peer closed (the engine has queued the echo), or the engine
 #       failed the connection with `code` (it has queued that close frame) and reads no more.
-DATA, PONG, CLOSE = range(3)
+
+
+class EventKind(enum.Enum):
+    DATA = enum.auto()
+    PONG = enum.auto()
+    CLOSE = enum.auto()
+
+
+DATA = EventKind.DATA
+PONG = EventKind.PONG
+CLOSE = EventKind.CLOSE
 Event = tuple[Any, ...]
 
 NO_STATUS = 1005  # RFC 6455 §7.1.5: a close frame without a code

@@ -6,6 +6,7 @@ adapter reads here the body of an upgrade request, which llhttp skips.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable
 
@@ -20,7 +21,21 @@ _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:;%b(?:=(?:%b|%b)?)?)*" % (TOKEN, TOKEN, _QUOTED))
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"
 _FIELD_LINE = re.compile(rb"%b:[ \t]*(?:%b+(?:[ \t]+%b+)*)?[ \t]*" % (TOKEN, _VCHAR, _VCHAR))
-SIZE, DATA, DATA_END, TRAILERS = range(4)
+
+
+class Part(enum.Enum):
+    """Where a chunked body reader stands."""
+
+    SIZE = enum.auto()  # a chunk-size line
+    DATA = enum.auto()  # chunk data
+    DATA_END = enum.auto()  # the CRLF after chunk data
+    TRAILERS = enum.auto()  # the trailer section, up to its empty line
+
+
+SIZE = Part.SIZE
+DATA = Part.DATA
+DATA_END = Part.DATA_END
+TRAILERS = Part.TRAILERS
 
 
 class ChunkedBody:
