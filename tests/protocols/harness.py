@@ -61,14 +61,16 @@ class RecordingFramer:
     ("plain", status, body, headers), ("consumed", n), ("abort",), ("complete",)
 
     `send_head` and `send_body` raise RuntimeError, recording nothing, for an invalid header
-    or a body longer or shorter than an app-given Content-Length, as HTTP/1.1 does. `drain()`
-    returns None unless the test set `blocked` to a future: the writer waits for it.
+    or a body longer or shorter than an app-given Content-Length, as HTTP/1.1 does. Its
+    `flow` is write-paused while the test has set `blocked` to a future: `drain()` returns it,
+    and the writer waits for it.
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.blocked: asyncio.Future[None] | None = None
-        self.drains = 0  # drain() calls, not in `calls`: the cycle asks before every send
+        self.drains = 0  # drain() calls, not in `calls`
+        self.flow = RecordingFlow(self)
         self.remaining: int | None = None  # body bytes an app-given Content-Length still owes
 
     def kinds(self) -> list[str]:
@@ -97,15 +99,34 @@ class RecordingFramer:
     def consumed(self, size: int) -> None:
         self.calls.append(("consumed", size))
 
-    def drain(self) -> Awaitable[None] | None:
-        self.drains += 1
-        return self.blocked
-
     def abort(self) -> None:
         self.calls.append(("abort",))
 
     def complete(self) -> None:
         self.calls.append(("complete",))
+
+
+class RecordingFlow:
+    """The `Flow` of a `RecordingFramer`: paused for writing while its `blocked` is set."""
+
+    def __init__(self, framer: RecordingFramer) -> None:
+        self.framer = framer
+        self.read_paused = False
+
+    @property
+    def write_paused(self) -> bool:
+        return self.framer.blocked is not None
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+
+    def drain(self) -> Awaitable[None]:
+        self.framer.drains += 1
+        assert self.framer.blocked is not None
+        return self.framer.blocked
 
 
 def _framed(remaining: int | None, body: bytes, more_body: bool) -> int | None:

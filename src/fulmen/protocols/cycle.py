@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fulmen.protocols import wire
-from fulmen.protocols.flow import wake
+from fulmen.protocols.flow import Flow, wake
 from fulmen.state import ServerState
 from fulmen.types import ASGIApp, Message
 
@@ -63,9 +63,10 @@ class Framer(Protocol):
         """The app has taken `size` body bytes: the peer may send more (HTTP/1.1 resumes
         reading the socket, HTTP/2 sends WINDOW_UPDATE)."""
 
-    def drain(self) -> Awaitable[None] | None:
-        """None when the response may be written now, else what to await first (the socket's
-        write buffer, for HTTP/2 also the flow-control windows)."""
+    @property
+    def flow(self) -> Flow:
+        """Write credit: while `flow.write_paused`, the cycle awaits `flow.drain()` before
+        sending (the socket's write buffer; for HTTP/2 also the flow-control windows)."""
 
     def abort(self) -> None:
         """The response cannot be finished: end it so the peer sees it broken."""
@@ -172,10 +173,9 @@ class RequestCycle:
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     async def send(self, message: Message) -> None:
-        if not self.disconnected:
-            waiter = self.framer.drain()
-            if waiter is not None:
-                await waiter
+        flow = self.framer.flow
+        if flow.write_paused and not self.disconnected:
+            await flow.drain()
         kind = message["type"]
         phase = self.phase
         if phase is START:

@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Protocol
+
+
+class Flow(Protocol):
+    """Read pause and write credit of what carries one request or WebSocket: a socket for
+    HTTP/1.1 (`FlowControl`), a stream and its connection for HTTP/2.
+
+    A writer checks `write_paused` (an attribute: it is read before every message) and only
+    then awaits `drain()`."""
+
+    read_paused: bool
+    write_paused: bool
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def drain(self) -> Awaitable[None]: ...
 
 
 class FlowControl:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable
 from typing import cast
 
 from fulmen.protocols import wire
@@ -413,10 +412,6 @@ class H1Connection(asyncio.Protocol):
 
     def consumed(self, size: int) -> None:
         self.maybe_resume_reading()
-
-    def drain(self) -> Awaitable[None] | None:
-        flow = self.flow
-        return flow.drain() if flow.write_paused else None
 
     def abort(self) -> None:
         self.transport.close()  # the peer sees the body end short of its framing

@@ -20,11 +20,10 @@ _METHODS_MAX = 64
 
 
 def method_name(method: bytes) -> str:
-    name = _METHODS.get(method)
-    if name is None:
-        name = method.decode("ascii")
-        if len(_METHODS) < _METHODS_MAX:
-            _METHODS[method] = name
+    """The method as a str, interned in `_METHODS` (looked up there first, inline)."""
+    name = method.decode("ascii")
+    if len(_METHODS) < _METHODS_MAX:
+        _METHODS[method] = name
     return name
 
 
@@ -56,7 +55,7 @@ def http_scope(
         "server": server,
         "client": client,
         "scheme": scheme,
-        "method": method_name(method),
+        "method": _METHODS.get(method) or method_name(method),
         "root_path": root_path,
         "path": path,
         "raw_path": raw_path,

@@ -18,12 +18,11 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from fulmen.protocols.cycle import Headers, RequestCycle, access_fields, access_logger
 from fulmen.protocols.engines import ABNORMAL, CLOSE, DATA, PONG, Engine, Event
-from fulmen.protocols.flow import wake
+from fulmen.protocols.flow import Flow, wake
 from fulmen.types import ASGIApp, Message
 
 logger = logging.getLogger("fulmen.error")
@@ -51,19 +50,6 @@ _SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015), *range(
 
 class ClientDisconnected(OSError):
     """`send()` on a WebSocket that is closed (ASGI spec: a subclass of OSError)."""
-
-
-class Flow(Protocol):
-    """Read pause and write drain of what carries the WebSocket (`flow.FlowControl`)."""
-
-    read_paused: bool
-    write_paused: bool
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def drain(self) -> Awaitable[None]: ...
 
 
 class WebSocketDriver(Protocol):
