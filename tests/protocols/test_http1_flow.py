@@ -90,6 +90,24 @@ def test_requests_pipelined_after_connection_close_are_not_served(serve) -> None
     assert served == ["/first", "/bye"]
 
 
+def test_response_headers_as_lists_are_served(serve) -> None:
+    """ASGI headers are two-item iterables: lists (as some frameworks send) work like tuples,
+    also for the headers the server acts on, and twice (they are never cached)."""
+
+    async def app(scope, receive, send) -> None:
+        headers = [[b"content-type", b"text/plain"], [b"content-length", b"4"], [b"x-a", b"1"]]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"list"})
+
+    with serve(app) as srv, srv.connect() as sock:
+        reader = Reader(sock)
+        for _ in range(2):
+            sock.sendall(request())
+            response = reader.response()
+            assert response.status == 200 and response.body == b"list"
+            assert response.get("x-a") == "1" and response.get("content-length") == "4"
+
+
 def test_app_connection_close_closes_connection(serve) -> None:
     async def app(scope, receive, send) -> None:
         await respond(send, b"done", headers=[(b"connection", b"close")])

@@ -42,7 +42,8 @@ _HEADER_LINES_MAX = 1024
 def header_line(header: tuple[bytes, bytes]) -> tuple[bytes, fields.Kind, bytes]:
     """Check one response header (`fields.check`) and format its line, cached."""
     lname, kind = fields.check(header)
-    entry = (b"%b: %b\r\n" % header, kind, lname)
+    name, value = header  # a two-item iterable: a list is allowed, and never cached
+    entry = (b"%b: %b\r\n" % (name, value), kind, lname)
     if isinstance(header, tuple):
         if len(HEADER_LINES) >= _HEADER_LINES_MAX:
             HEADER_LINES.clear()
