@@ -111,16 +111,25 @@ class RequestCycle:
         "waiter",
     )
 
-    def __init__(self, server: ServerState, framer: Framer, scope: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        server: ServerState,
+        framer: Framer,
+        scope: dict[str, Any],
+        more_body: bool = False,
+        expect_100: bool = False,
+    ) -> None:
+        """`more_body`: a request body is to come (`on_body`, then `on_message_complete`);
+        `expect_100`: the client waits for 100 Continue before sending it."""
         self.server = server
         self.framer = framer
         self.scope = scope
         self.body = b""
         self.body_received = 0
-        self.more_body = False  # request body bytes are still to come
+        self.more_body = more_body  # request body bytes are still to come
         self.request_done = False  # the final http.request message was handed to the app
         self.receiving = False  # the app has called receive()
-        self.expect_100 = False
+        self.expect_100 = expect_100
         self.disconnected = False
         self.phase = START
         self.status = 0

@@ -229,15 +229,15 @@ class H1Connection(asyncio.Protocol):
             raw_path = _origin_path(raw_path)
         proxy = self.proxy if forwarded else None
         scope = http_scope(state, method, raw_path, query, version, headers, self.endpoints, proxy)
+        has_body = length not in (None, b"0") or coding is not None
+        expect = expect and has_body
         if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
-            cycle: RequestCycle = WebSocketRequest(state, self, scope)
+            cycle: RequestCycle = WebSocketRequest(state, self, scope, has_body, expect)
             self.last = cycle
         else:
-            cycle = RequestCycle(state, self, scope)
+            cycle = RequestCycle(state, self, scope, has_body, expect)
             if not _keep_alive(version, connection):
                 self.last = cycle
-        cycle.more_body = has_body = length not in (None, b"0") or coding is not None
-        cycle.expect_100 = expect and has_body
         self.parsing = cycle if has_body else None
         if self.next is None:
             self.next = cycle
