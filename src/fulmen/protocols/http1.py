@@ -99,6 +99,7 @@ class H1Connection(asyncio.Protocol):
         "remaining",
         "served",
         "state",
+        "taken_over",
         "transport",
         "ws",
     )
@@ -116,6 +117,7 @@ class H1Connection(asyncio.Protocol):
         self.ws: WebSocketSession | None = None  # a WebSocket handshake not answered yet
         self.framing = wire.NONE
         self.remaining = 0
+        self.taken_over = False  # an accepted WebSocket has the socket now
 
     # asyncio.Protocol
 
@@ -148,8 +150,10 @@ class H1Connection(asyncio.Protocol):
             self.reject(exc.status, exc.reason)
         if self.next is not None and self.cycle is None:
             self._drive()
-        if self.parser.upgraded and not self._awaiting_handshake():
+        if self.parser.upgraded and not self._awaiting_handshake() and not self.taken_over:
             # No upgrade handler: the request is served as plain HTTP, then the connection ends.
+            # (An accepted WebSocket, e.g. by an app that accepted in its first eager step,
+            # owns the socket and its reading now.)
             self.flow.pause_reading()
 
     def _awaiting_handshake(self) -> bool:
@@ -439,6 +443,7 @@ class H1Connection(asyncio.Protocol):
     def _detach(self) -> bytes:
         """An accepted WebSocket takes the socket over: let go of it and of the request, and
         hand over the bytes that arrived after the request."""
+        self.taken_over = True
         self.state.connections.discard(self)
         pending = self.parser.trailing
         self.cycle = self.parsing = self.next = self.pipeline = self.last = self.ws = None
