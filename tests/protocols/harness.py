@@ -93,6 +93,9 @@ class RecordingFramer:
     def send_interim(self, status: int) -> None:
         self.calls.append(("interim", status))
 
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.calls.append(("trailers", list(headers)))
+
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.calls.append(("plain", status, body, headers))
 

@@ -310,6 +310,45 @@ def test_cancelled_after_completion_does_not_abort() -> None:
     run(main())
 
 
+# Trailers (the `http.response.trailers` extension)
+
+
+def test_announced_trailers_end_the_response() -> None:
+    async def main() -> None:
+        cycle, framer = await serve(
+            app_sending(
+                {**start(), "trailers": True},
+                body(b"a", more=True),
+                body(b"b"),
+                {
+                    "type": "http.response.trailers",
+                    "headers": [(b"x-a", b"1")],
+                    "more_trailers": True,
+                },
+                {"type": "http.response.trailers", "headers": [(b"x-b", b"2")]},
+            )
+        )
+        assert framer.calls == [
+            ("head", 200, TEXT, b"a", True),
+            ("body", b"b", True),  # the body does not end the response: the trailers do
+            ("trailers", [(b"x-a", b"1"), (b"x-b", b"2")]),
+            ("complete",),
+        ]
+        assert cycle.phase is DONE
+
+    run(main())
+
+
+def test_body_after_the_last_body_while_awaiting_trailers_is_an_error(logs: Any) -> None:
+    async def main() -> None:
+        app = app_sending({**start(), "trailers": True}, body(b"x"), body(b"again"))
+        _, framer = await serve(app)
+        assert framer.kinds() == ["head", "abort"]
+
+    run(main())
+    assert "Unexpected ASGI message 'http.response.body'" in str(errors(logs)[0].exc_info[1])
+
+
 # Rejections
 
 

@@ -55,6 +55,10 @@ class Framer(Protocol):
     def send_interim(self, status: int) -> None:
         """An informational response (RFC 9110 §15.2), e.g. 100 Continue."""
 
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """End a body sent with `more_body=True` with these trailer fields (RFC 9110 §6.5);
+        a protocol whose framing cannot carry them ends the body without them."""
+
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A whole `text/plain` response from the server itself (500, 503, a refused
         WebSocket handshake), with `headers` besides the defaults."""
@@ -81,12 +85,14 @@ class Phase(enum.Enum):
     START = enum.auto()  # nothing from the app yet
     HEAD = enum.auto()  # http.response.start received, held until the first body message
     BODY = enum.auto()  # the head is sent, the body is streaming
+    TRAILERS = enum.auto()  # the body is sent, its trailers are awaited (`trailers: True`)
     DONE = enum.auto()  # the response is complete
 
 
 START = Phase.START
 HEAD = Phase.HEAD
 BODY = Phase.BODY
+TRAILERS = Phase.TRAILERS
 DONE = Phase.DONE
 
 
@@ -108,6 +114,7 @@ class RequestCycle:
         "server",
         "status",
         "task",
+        "trailers",
         "waiter",
     )
 
@@ -134,6 +141,7 @@ class RequestCycle:
         self.phase = START
         self.status = 0
         self.headers: Any = ()
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # collected, if announced
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -192,21 +200,41 @@ class RequestCycle:
                 raise RuntimeError(f"Expected 'http.response.start', got {kind!r}")
             self.status = message["status"]
             self.headers = message.get("headers", ())
+            if message.get("trailers"):  # ASGI `http.response.trailers` extension
+                self.trailers = []
             self.phase = HEAD
             return
-        if phase is DONE or kind != "http.response.body":
-            raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {phase.name}")
+        if kind != "http.response.body" or phase is DONE or phase is TRAILERS:
+            self._send_trailers(message, kind, phase)
+            return
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
         if self.disconnected:
             return
+        # With trailers announced, the body does not end the response: they do.
+        more = more_body or self.trailers is not None
         if phase is HEAD:
-            self.framer.send_head(self.status, self.headers, body, more_body)
+            self.framer.send_head(self.status, self.headers, body, more)
             self.phase = BODY
         else:
-            self.framer.send_body(body, more_body)
+            self.framer.send_body(body, more)
         if not more_body:
-            self._complete()
+            if more:
+                self.phase = TRAILERS
+            else:
+                self._complete()
+
+    def _send_trailers(self, message: Message, kind: str, phase: Phase) -> None:
+        """`http.response.trailers`, after the last body message: collected until
+        `more_trailers` is false, then sent as one trailer section."""
+        trailers = self.trailers
+        if kind != "http.response.trailers" or phase is not TRAILERS or trailers is None:
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {phase.name}")
+        trailers.extend((name, value) for name, value in message.get("headers", ()))
+        if message.get("more_trailers", False) or self.disconnected:
+            return
+        self.framer.send_trailers(trailers)
+        self._complete()
 
     def _complete(self) -> None:
         self.phase = DONE
@@ -246,7 +274,7 @@ class RequestCycle:
         """500 if nothing was sent yet, else abort: the response is broken."""
         if self.phase is START or self.phase is HEAD:
             self.reject(500, _ERROR_500)
-        elif self.phase is BODY:
+        elif self.phase is BODY or self.phase is TRAILERS:
             self.framer.abort()
 
     def reject(self, status: int, body: bytes, headers: Headers = ()) -> None:

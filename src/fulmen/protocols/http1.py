@@ -15,7 +15,13 @@ from typing import cast
 
 from fulmen.protocols import wire
 from fulmen.protocols.cycle import Headers, RequestCycle
-from fulmen.protocols.fields import CONNECTION, CONTENT_LENGTH, ORDINARY, TRANSFER_ENCODING
+from fulmen.protocols.fields import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    ORDINARY,
+    SERVER_OR_DATE,
+    TRANSFER_ENCODING,
+)
 from fulmen.protocols.fields import content_length as app_content_length
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
@@ -36,6 +42,7 @@ _SPECIAL = frozenset(
         b"transfer-encoding",
         b"expect",
         b"upgrade",
+        b"te",
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
@@ -191,7 +198,7 @@ class H1Connection(asyncio.Protocol):
         host_count = 0
         host = b""
         connection = b""
-        expect = forwarded = False
+        expect = forwarded = te_trailers = False
         upgrade = b""
         length: bytes | None = None
         coding: bytes | None = None
@@ -210,6 +217,8 @@ class H1Connection(asyncio.Protocol):
                     expect = value.lower() == b"100-continue"
                 elif name == b"upgrade":
                     upgrade += b"," + value.lower()
+                elif name == b"te":
+                    te_trailers = te_trailers or b"trailers" in value.lower()
                 else:
                     forwarded = True
         if version not in _VERSIONS:
@@ -233,6 +242,8 @@ class H1Connection(asyncio.Protocol):
             raw_path = _origin_path(raw_path)
         proxy = self.proxy if forwarded else None
         scope = http_scope(state, method, raw_path, query, version, headers, self.endpoints, proxy)
+        if te_trailers and version == "1.1":  # the client reads trailers (RFC 9110 §10.1.4)
+            scope["extensions"]["http.response.trailers"] = {}
         has_body = length not in (None, b"0") or coding is not None
         expect = expect and has_body
         if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
@@ -404,6 +415,22 @@ class H1Connection(asyncio.Protocol):
 
     def send_interim(self, status: int) -> None:
         self.transport.write(wire.status_line(status) + CRLF)
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        lines = []
+        for header in headers:
+            line, kind, _ = wire.header_line(header)
+            if kind is not ORDINARY and kind is not SERVER_OR_DATE:
+                # RFC 9110 §6.5.1: framing and connection fields never go in trailers.
+                raise RuntimeError(f"Header {header[0]!r} is not allowed in trailers")
+            lines.append(line)
+        framing = self.framing
+        if framing is CHUNKED:  # RFC 9112 §7.1.2: the trailer section after the last chunk
+            self.transport.write(b"".join([b"0\r\n", *lines, CRLF]))
+        elif framing is LENGTH and self.remaining:
+            raise RuntimeError("Response content shorter than Content-Length")
+        # Otherwise (a Content-Length, no body, or a body ended by the close) there is no
+        # place for trailers in HTTP/1.1: the response ends without them.
 
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         # After a 500 the connection ends: the app failed, and its request body may be unread.
