@@ -90,8 +90,11 @@ class RecordingFramer:
         self.remaining = _framed(self.remaining, body, more_body)
         self.calls.append(("body", body, more_body))
 
-    def send_interim(self, status: int) -> None:
-        self.calls.append(("interim", status))
+    def send_interim(self, status: int, headers: Iterable[Any] = ()) -> None:
+        headers = list(headers)
+        for header in headers:
+            check(header)
+        self.calls.append(("interim", status, headers) if headers else ("interim", status))
 
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.calls.append(("trailers", list(headers)))
@@ -161,7 +164,7 @@ def make_cycle(
     options = {"access_log": False, "proxy_headers": False, **config_kwargs}
     config = Config(_no_app, **options)
     state = ServerState(config, _no_app, {} if app_state is None else app_state, loop)
-    scope = http_scope(state, b"GET", b"/", b"", "1.1", list(REQUEST_HEADERS), ENDPOINTS, None)
+    scope = http_scope(state, b"GET", b"/", b"", "1.1", list(REQUEST_HEADERS), ENDPOINTS, None, {})
     framer = RecordingFramer()
     return RequestCycle(state, framer, scope), framer
 

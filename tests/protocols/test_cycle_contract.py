@@ -349,6 +349,19 @@ def test_body_after_the_last_body_while_awaiting_trailers_is_an_error(logs: Any)
     assert "Unexpected ASGI message 'http.response.body'" in str(errors(logs)[0].exc_info[1])
 
 
+# Early hints (the `http.response.early_hint` extension)
+
+
+def test_early_hints_are_interim_responses_before_the_head() -> None:
+    async def main() -> None:
+        hint = {"type": "http.response.early_hint", "links": [b"</a.css>; rel=preload"]}
+        _, framer = await serve(app_sending(hint, start(), hint, body(b"x")))
+        link = ("interim", 103, [(b"link", b"</a.css>; rel=preload")])
+        assert framer.calls == [link, link, ("head", 200, TEXT, b"x", False), ("complete",)]
+
+    run(main())
+
+
 # Rejections
 
 

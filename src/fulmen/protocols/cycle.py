@@ -52,8 +52,8 @@ class Framer(Protocol):
     def send_body(self, body: bytes, more_body: bool) -> None:
         """Send more of the body; `more_body=False` ends it."""
 
-    def send_interim(self, status: int) -> None:
-        """An informational response (RFC 9110 §15.2), e.g. 100 Continue."""
+    def send_interim(self, status: int, headers: Headers = ()) -> None:
+        """An informational response (RFC 9110 §15.2): 100 Continue, 103 Early Hints."""
 
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """End a body sent with `more_body=True` with these trailer fields (RFC 9110 §6.5);
@@ -197,6 +197,9 @@ class RequestCycle:
         phase = self.phase
         if phase is START:
             if kind != "http.response.start":
+                if kind == "http.response.early_hint":
+                    self._early_hint(message)
+                    return
                 raise RuntimeError(f"Expected 'http.response.start', got {kind!r}")
             self.status = message["status"]
             self.headers = message.get("headers", ())
@@ -227,6 +230,9 @@ class RequestCycle:
     def _send_trailers(self, message: Message, kind: str, phase: Phase) -> None:
         """`http.response.trailers`, after the last body message: collected until
         `more_trailers` is false, then sent as one trailer section."""
+        if kind == "http.response.early_hint" and phase is HEAD:
+            self._early_hint(message)
+            return
         trailers = self.trailers
         if kind != "http.response.trailers" or phase is not TRAILERS or trailers is None:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} in response state {phase.name}")
@@ -235,6 +241,12 @@ class RequestCycle:
             return
         self.framer.send_trailers(trailers)
         self._complete()
+
+    def _early_hint(self, message: Message) -> None:
+        """ASGI `http.response.early_hint`: 103 Early Hints (RFC 8297) with a `link` field per
+        entry of `links`, before the final response's head is sent."""
+        if not self.disconnected:
+            self.framer.send_interim(103, [(b"link", link) for link in message.get("links", ())])
 
     def _complete(self) -> None:
         self.phase = DONE

@@ -51,6 +51,7 @@ _SPECIAL = frozenset(
     )
 )
 _VERSIONS = frozenset(("1.1", "1.0"))
+_EARLY_HINT: dict[str, object] = {}  # the extension's (empty) entry, shared by every scope
 # Above this many buffered body bytes the app has not received, stop reading the socket.
 HIGH_WATER = 65536
 
@@ -241,9 +242,15 @@ class H1Connection(asyncio.Protocol):
         if raw_path[:1] != b"/" and raw_path != b"*":
             raw_path = _origin_path(raw_path)
         proxy = self.proxy if forwarded else None
-        scope = http_scope(state, method, raw_path, query, version, headers, self.endpoints, proxy)
-        if te_trailers and version == "1.1":  # the client reads trailers (RFC 9110 §10.1.4)
-            scope["extensions"]["http.response.trailers"] = {}
+        if version == "1.1":  # RFC 9110 §15.2: no 1xx responses to an HTTP/1.0 client
+            extensions = {"http.response.early_hint": _EARLY_HINT}
+            if te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
+                extensions["http.response.trailers"] = {}
+        else:
+            extensions = {}
+        scope = http_scope(
+            state, method, raw_path, query, version, headers, self.endpoints, proxy, extensions
+        )
         has_body = length not in (None, b"0") or coding is not None
         expect = expect and has_body
         if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
@@ -413,8 +420,9 @@ class H1Connection(asyncio.Protocol):
             return body
         return b""
 
-    def send_interim(self, status: int) -> None:
-        self.transport.write(wire.status_line(status) + CRLF)
+    def send_interim(self, status: int, headers: Headers = ()) -> None:
+        lines = [wire.header_line((name, value))[0] for name, value in headers]
+        self.transport.write(b"".join([wire.status_line(status), *lines, CRLF]))
 
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         lines = []

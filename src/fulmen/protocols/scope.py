@@ -36,9 +36,11 @@ def http_scope(
     headers: list[tuple[bytes, bytes]],
     endpoints: tuple[tuple[str, int] | None, tuple[str, int] | None, str],
     proxy: ProxyHeaders | None,
+    extensions: dict[str, Any],
 ) -> dict[str, Any]:
     """The scope of one request. `endpoints` is (client, server, scheme) of the connection; `proxy`
-    is given only when the peer is trusted and the request carries forwarding headers."""
+    is given only when the peer is trusted and the request carries forwarding headers;
+    `extensions` are the ASGI extensions the protocol offers this request."""
     if b"%" in raw_path or not raw_path.isascii():
         path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
     else:
@@ -62,7 +64,7 @@ def http_scope(
         "query_string": query,
         "headers": headers,
         "state": state.app_state.copy(),
-        "extensions": {},
+        "extensions": extensions,
     }
     if proxy is not None:
         proxy.apply(scope)
