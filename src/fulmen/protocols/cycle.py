@@ -208,7 +208,7 @@ class RequestCycle:
             self.phase = HEAD
             return
         if kind != "http.response.body" or phase is DONE or phase is TRAILERS:
-            self._send_trailers(message, kind, phase)
+            self._send_extension(message, kind, phase)
             return
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
@@ -227,8 +227,9 @@ class RequestCycle:
             else:
                 self._complete()
 
-    def _send_trailers(self, message: Message, kind: str, phase: Phase) -> None:
-        """`http.response.trailers`, after the last body message: collected until
+    def _send_extension(self, message: Message, kind: str, phase: Phase) -> None:
+        """A message of an ASGI response extension, or an order error: an early hint before
+        the head is sent; trailers after the last body message, collected until
         `more_trailers` is false, then sent as one trailer section."""
         if kind == "http.response.early_hint" and phase is HEAD:
             self._early_hint(message)
