@@ -105,9 +105,9 @@ def test_https_verified_against_the_ca(serve_tls, certs, monkeypatch) -> None:
         assert line in messages(logs)
 
 
-def test_alpn_selects_http11(serve_tls, certs) -> None:
+def test_alpn_selects_http11_without_http2(serve_tls, certs) -> None:
     assert ALPN_PROTOCOLS == ["http/1.1"]
-    with serve_tls(scheme_app) as srv:
+    with serve_tls(scheme_app, http2=False) as srv:
         context = certs.context()
         context.set_alpn_protocols(["h2", "http/1.1"])
         with tls_connect(srv.port, context) as tls:

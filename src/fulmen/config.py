@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import ssl
 from collections.abc import Callable
@@ -30,6 +31,11 @@ LIFESPAN_CHOICES = ("auto", "on", "off")
 INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi", "consumer")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
+
+
+def http2_available() -> bool:
+    """Whether the h2 library (HTTP/2) is installed."""
+    return importlib.util.find_spec("h2") is not None
 
 
 @dataclass(kw_only=True)
@@ -78,6 +84,15 @@ class Config:
     )
     loop: str = option("auto", "Event loop implementation.", choices=LOOP_CHOICES)
     http: str = option("auto", "HTTP/1.1 parser implementation.", choices=HTTP_CHOICES)
+    http2: bool | None = option(
+        None,
+        "Serve HTTP/2: ALPN h2 over TLS, h2c with prior knowledge or Upgrade on plain HTTP. "
+        "Default: on when the h2 library is installed (fulmen[http2]).",
+        flag="--http2/--no-http2",
+    )
+    h2_max_concurrent_streams: int = option(
+        100, "Most HTTP/2 streams a client may have open at once on one connection."
+    )
     ws: str = option(
         "auto",
         "WebSocket engine. 'auto': websockets, else wsproto, else none (upgrades are plain HTTP).",
@@ -259,6 +274,10 @@ class Config:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, not {self.port}")
         engine_name(self.ws)  # an engine asked for by name must be installed
+        if self.http2 and not http2_available():
+            raise ValueError("--http2 needs the h2 library installed: pip install fulmen[http2]")
+        if self.h2_max_concurrent_streams < 1:
+            raise ValueError("h2_max_concurrent_streams must be at least 1")
         if self.ws_max_size < 1 or self.ws_max_queue < 1:
             raise ValueError("ws_max_size and ws_max_queue must be at least 1")
         self.header_pairs()  # a malformed --header is a configuration error, not a crash later
@@ -309,6 +328,11 @@ class Config:
             raise ValueError("limit_max_requests_jitter must not be negative")
         if self.metrics_bind is not None:
             parse_address(self.metrics_bind)
+
+    @property
+    def use_http2(self) -> bool:
+        """`http2` resolved: on unless turned off, when h2 is installed."""
+        return self.http2 is not False and http2_available()
 
     @property
     def trusted_hosts(self) -> list[str]:

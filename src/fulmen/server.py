@@ -141,6 +141,8 @@ class Server:
             self.metrics = Metrics()
             app = self.metrics.instrument(app)
         self.state = ServerState(config, app, app_state, self._loop, self._max_requests)
+        if config.use_http2:
+            dispatch.enable_http2(self.state)
         limit = config.limit_max_requests
         if limit:  # each server (each worker process) draws its own jitter: they restart apart
             limit += random.randint(0, config.limit_max_requests_jitter)
@@ -174,9 +176,11 @@ class Server:
             # sooner (both asyncio and uvloop honour the argument).
             tls = {"ssl": ssl_context, "ssl_handshake_timeout": config.timeout_tls_handshake}
         scheme = "http" if ssl_context is None else "https"
-        # `dispatch` chooses each connection's protocol, as the loop accepts it (before a TLS
-        # handshake: no ALPN result is known yet).
+        # `dispatch` chooses each connection's protocol: as the loop accepts it, or, over TLS
+        # with HTTP/2 on, after the handshake (by its ALPN result).
         factory: Callable[[], asyncio.Protocol] = functools.partial(dispatch.connection, self.state)
+        if ssl_context is not None and config.use_http2:
+            factory = functools.partial(dispatch.tls_connection, self.state)
         if config.proxy_protocol:  # off: nothing runs before the connection's protocol
             factory = proxy_protocol.connection_factory(self.state, config.trusted_hosts)
         if self.metrics is not None and config.metrics_bind:

@@ -34,6 +34,15 @@ class Connection(Protocol):
     def shutdown(self) -> None: ...
 
 
+class H2Takeover(Protocol):
+    """Hands a connection's transport to HTTP/2, with the bytes already read and, for an
+    `Upgrade: h2c` request, that request (`fulmen.protocols.http2.Upgrade`)."""
+
+    def __call__(
+        self, state: ServerState, transport: Any, data: bytes, upgrade: Any = None
+    ) -> None: ...
+
+
 class ServerState:
     """Settings read on the hot path, precomputed from `Config`, plus shared live state."""
 
@@ -58,6 +67,10 @@ class ServerState:
         self.limit_concurrency = config.limit_concurrency or 0
         self.limit_max_requests = config.limit_max_requests or 0
         self.limit_request_body = config.limit_request_body
+        self.h2_max_streams = config.h2_max_concurrent_streams
+        # Set by `fulmen.protocols.dispatch.enable_http2`: takes a cleartext HTTP/1.1
+        # connection over to HTTP/2 (h2c prior knowledge or Upgrade).
+        self.http2: H2Takeover | None = None
         self.on_max_requests = on_max_requests
         # WSGI has no WebSockets: its upgrade requests are plain HTTP requests (as uvicorn).
         ws = "none" if config.interface == "wsgi" else config.ws
@@ -86,6 +99,7 @@ class ServerState:
         self.clock = loop.time()
         self._header_options = (config.server_header, config.date_header, config.header_pairs())
         self.default_lines: list[tuple[bytes, bytes]] = []
+        self.default_fields: list[tuple[bytes, bytes]] = []  # (name, value), for HTTP/2
         self.default_headers = b""
         self.tick()
 
@@ -94,6 +108,9 @@ class ServerState:
         self.clock = self.loop.time()
         self.default_lines = wire.default_header_lines(*self._header_options)
         self.default_headers = b"".join(line for _, line in self.default_lines)
+        self.default_fields = [
+            (name, line[len(name) + 2 : -2]) for name, line in self.default_lines
+        ]
 
     def defaults_without(self, names: frozenset[bytes]) -> bytes:
         """The default header block minus headers the application set itself."""

@@ -2,7 +2,7 @@
 
 The options keep uvicorn's names and types; the defaults are secure rather than uvicorn's:
 TLS 1.2 at least, Python's cipher list (forward secrecy and AEAD only, no SHA-1) instead of
-OpenSSL's `TLSv1` group, no renegotiation, and ALPN announcing `http/1.1`.
+OpenSSL's `TLSv1` group, no renegotiation, and ALPN announcing `h2` (with HTTP/2 on) and `http/1.1`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ VERSIONS: dict[int, tuple[ssl.TLSVersion, ssl.TLSVersion]] = {
     int(ssl.PROTOCOL_TLSv1_2): (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2),
 }
 CERT_REQS = (int(ssl.CERT_NONE), int(ssl.CERT_OPTIONAL), int(ssl.CERT_REQUIRED))
-# HTTP/1.1 only, until fulmen speaks HTTP/2. A client offering only h2 gets no protocol
-# selected (OpenSSL goes on without ALPN rather than failing the handshake, RFC 7301 §3.2).
+# The server's preference, first: h2 when HTTP/2 is on. A client offering none of them gets no
+# protocol selected (OpenSSL goes on without ALPN rather than failing the handshake, RFC 7301
+# §3.2), and is served HTTP/1.1.
 ALPN_PROTOCOLS = ["http/1.1"]
+ALPN_WITH_H2 = ["h2", "http/1.1"]
 _NEED_CERTFILE = ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_ciphers")
 
 
@@ -91,7 +93,7 @@ def create_ssl_context(config: Config) -> ssl.SSLContext | None:
             context.set_ciphers(config.ssl_ciphers)
         except ssl.SSLError:
             raise TLSError(f"ssl_ciphers {config.ssl_ciphers!r} selects no cipher") from None
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.set_alpn_protocols(ALPN_WITH_H2 if config.use_http2 else ALPN_PROTOCOLS)
     return context
 
 

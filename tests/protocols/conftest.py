@@ -17,3 +17,13 @@ def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> I
     caplog.set_level(logging.INFO, logger="fulmen")
     caplog.set_level(logging.INFO, logger="fulmen.access")
     yield caplog
+
+
+@pytest.fixture(autouse=True)
+def h2_sockets() -> Iterator[None]:
+    """Close the sockets of the test's HTTP/2 clients (`tests.protocols.h2client`)."""
+    yield
+    from tests.protocols import h2client
+
+    while h2client.OPEN:
+        h2client.OPEN.pop().close()

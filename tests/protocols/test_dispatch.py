@@ -1,6 +1,6 @@
 """`fulmen.protocols.dispatch`: every listener gets its connections' protocol from
 `dispatch.connection`, over real sockets on both loops: plain, TLS, PROXY protocol, and PROXY
-protocol followed by TLS (the one case that knows the ALPN result when it asks)."""
+protocol followed by TLS; HTTP/2 by ALPN, or by prior knowledge through HTTP/1.1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 
 from fulmen.protocols import dispatch
 from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols.http2 import H2Connection
 from tests.conftest import Certs, recv_until_closed
+from tests.protocols.h2client import H2Client
 from tests.protocols.test_proxy_protocol import REQUEST, client_app
 from tests.test_tls import read_until_closed
 
@@ -77,12 +79,50 @@ def test_plain_connection(serve_on, calls) -> None:
     assert calls == [(None, H1Connection)]
 
 
-def test_tls_connection_asks_before_the_handshake(serve_on, calls, certs) -> None:
-    with serve_on(ssl_certfile=certs.cert, ssl_keyfile=certs.key) as srv, srv.connect() as sock:
+def test_tls_connection_without_http2_asks_before_the_handshake(serve_on, calls, certs) -> None:
+    options = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key, "http2": False}
+    with serve_on(**options) as srv, srv.connect() as sock:
         got, agreed = _tls_exchange(sock, certs, ["http/1.1"])
     assert (got["scheme"], agreed) == ("https", "http/1.1")
-    # asyncio and uvloop make the protocol as they accept: the ALPN result is not known yet.
+    # asyncio and uvloop make the protocol as they accept: the ALPN result is not known yet,
+    # and without HTTP/2 it is not needed.
     assert calls == [(None, H1Connection)]
+
+
+@pytest.mark.parametrize(("offer", "expected"), [(["http/1.1"], "http/1.1"), (None, None)])
+def test_tls_connection_with_http2_asks_after_the_handshake(
+    serve_on, calls, certs, offer, expected
+) -> None:
+    with serve_on(ssl_certfile=certs.cert, ssl_keyfile=certs.key) as srv, srv.connect() as sock:
+        got, agreed = _tls_exchange(sock, certs, offer)
+    assert (got["scheme"], agreed) == ("https", expected)
+    assert calls == [(expected, H1Connection)]
+
+
+@pytest.mark.parametrize("proxy_protocol", [False, True])
+def test_alpn_h2_is_served_by_the_http2_connection(serve_on, calls, certs, proxy_protocol) -> None:
+    options = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key}
+    with serve_on(proxy_protocol=proxy_protocol, **options) as srv, srv.connect() as sock:
+        if proxy_protocol:
+            sock.sendall(V1)
+        context = certs.context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            response = H2Client(tls).get("/")  # type: ignore[arg-type]
+    got = json.loads(response.body)
+    assert got["scheme"] == "https"
+    if proxy_protocol:
+        assert got["client"] == ["192.0.2.1", 56324]
+    assert calls == [("h2", H2Connection)]
+
+
+def test_h2c_prior_knowledge_behind_the_proxy_protocol(serve_on, calls) -> None:
+    with serve_on(proxy_protocol=True) as srv, srv.connect() as sock:
+        sock.sendall(V1)
+        response = H2Client(sock).get("/")
+    got = json.loads(response.body)
+    assert got["client"] == ["192.0.2.1", 56324]
+    assert calls == [(None, H1Connection)]  # which hands the connection over to HTTP/2
 
 
 def test_proxy_protocol_connection(serve_on, calls) -> None:
@@ -101,7 +141,12 @@ def test_proxy_protocol_connection(serve_on, calls) -> None:
 def test_proxy_tls_connection_asks_with_the_alpn_result(
     serve_on, calls, certs, offer, expected
 ) -> None:
-    options = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key, "proxy_protocol": True}
+    options = {
+        "ssl_certfile": certs.cert,
+        "ssl_keyfile": certs.key,
+        "proxy_protocol": True,
+        "http2": False,  # ALPN offers http/1.1 alone
+    }
     with serve_on(**options) as srv, srv.connect() as sock:
         sock.sendall(V1)
         got, agreed = _tls_exchange(sock, certs, offer)

@@ -1,25 +1,22 @@
-"""Which protocol serves a new connection: chosen here, in `connection`, for every listener.
+"""Which protocol serves a new connection: chosen here, for every listener.
 
-Nothing else names the protocol a connection speaks. Each listener asks once per connection,
-when it has one to serve:
+Nothing else names the protocol a connection speaks. Each listener asks once per connection:
 
-- `fulmen.server`, plain and TLS listeners: the loop's protocol factory is
-  `functools.partial(connection, state)`. asyncio and uvloop call it as they accept, before a TLS
-  handshake, so these pass no `alpn`;
+- `fulmen.server`, plain listeners: the loop's protocol factory is
+  `functools.partial(connection, state)`;
+- `fulmen.server`, TLS listeners: `functools.partial(tls_connection, state)`, a protocol that
+  asks `connection` once the handshake is done, with its ALPN result (asyncio and uvloop call
+  the factory as they accept, before the handshake, and `connection_made` after it);
 - `proxy_protocol.ProxyProtocol`, once the PROXY header is read (no TLS: `--proxy-protocol` with
   TLS is `proxy_tls`'s);
 - `proxy_tls.HeaderReader`, after the PROXY header and the TLS handshake, with the protocol the
   handshake agreed on (`negotiated`).
 
 `alpn` is the TLS ALPN result (RFC 7301), `ssl_object.selected_alpn_protocol()`: None without
-TLS, when the client offered no protocol, or where it is not known yet. `fulmen.tls` offers only
-`http/1.1`, so today every case is HTTP/1.1, `H1Connection(state)`, and asking before the
-handshake loses nothing.
-
-HTTP/2 is a branch in `connection`: `alpn == "h2"` (once `fulmen.tls.ALPN_PROTOCOLS` offers it;
-TLS listeners must then ask after their handshake, as `proxy_tls` does), or, for h2c with prior
-knowledge (RFC 9113 §3.3), a protocol that compares the first bytes with the connection preface
-before handing the connection over.
+TLS or when the client offered no protocol. `h2` is HTTP/2 (`fulmen.protocols.http2`); anything
+else is HTTP/1.1 (`H1Connection`). On cleartext, HTTP/1.1 connections may still become HTTP/2:
+the h2c connection preface (RFC 9113 §3.3) or an `Upgrade: h2c` request (RFC 7540 §3.2), both
+noticed by `H1Connection` and handed over through `state.http2` (`enable_http2`).
 
 The factory adds a function call per connection and allocates nothing beyond the connection.
 """
@@ -37,9 +34,39 @@ if TYPE_CHECKING:
 
 def connection(state: ServerState, alpn: str | None = None) -> asyncio.Protocol:
     """The protocol that serves a new connection of the server whose state is `state`, given the
-    TLS ALPN result `alpn` (None when there is none or it is not known)."""
-    # A protocol other than HTTP/1.1 is one branch here, on `alpn` (see the module docstring).
+    TLS ALPN result `alpn` (None when there is none)."""
+    if alpn == "h2" and state.http2 is not None:
+        from fulmen.protocols.http2 import H2Connection
+
+        return H2Connection(state)
     return H1Connection(state)
+
+
+def tls_connection(state: ServerState) -> asyncio.Protocol:
+    """The protocol factory of a TLS listener: the protocol is chosen after the handshake."""
+    return AfterHandshake(state)
+
+
+class AfterHandshake(asyncio.Protocol):
+    """Stands in for the connection's protocol until the TLS handshake is done, then hands the
+    transport to the protocol its ALPN result asks for."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        protocol = connection(self.state, negotiated(transport))
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+def enable_http2(state: ServerState) -> None:
+    """Serve HTTP/2 on this server's connections (`--http2`, h2 installed)."""
+    from fulmen.protocols.http2 import take_over
+
+    state.http2 = take_over
 
 
 def negotiated(transport: asyncio.BaseTransport) -> str | None:

@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from typing import cast
 
-from fulmen.protocols import wire
+from fulmen.protocols import h2c, wire
 from fulmen.protocols.cycle import Headers, RequestCycle
 from fulmen.protocols.fields import (
     CONNECTION,
@@ -24,8 +24,10 @@ from fulmen.protocols.fields import (
 )
 from fulmen.protocols.fields import content_length as app_content_length
 from fulmen.protocols.flow import FlowControl
+from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, websocket_upgrade
+from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
-from fulmen.protocols.scope import http_scope
+from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h1 import H1WebSocket
@@ -54,12 +56,6 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _EARLY_HINT: dict[str, object] = {}  # the extension's (empty) entry, shared by every scope
 # Above this many buffered body bytes the app has not received, stop reading the socket.
 HIGH_WATER = 65536
-
-
-def _address(info: object) -> tuple[str, int] | None:
-    if isinstance(info, tuple) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    return None
 
 
 class H1Connection(asyncio.Protocol):
@@ -97,6 +93,7 @@ class H1Connection(asyncio.Protocol):
         "endpoints",
         "flow",
         "framing",
+        "h2c",
         "idle",
         "last",
         "next",
@@ -106,6 +103,7 @@ class H1Connection(asyncio.Protocol):
         "proxy",
         "remaining",
         "served",
+        "sniff",
         "state",
         "taken_over",
         "transport",
@@ -125,7 +123,9 @@ class H1Connection(asyncio.Protocol):
         self.ws: WebSocketSession | None = None  # a WebSocket handshake not answered yet
         self.framing = wire.NONE
         self.remaining = 0
-        self.taken_over = False  # an accepted WebSocket has the socket now
+        self.taken_over = False  # an accepted WebSocket (or HTTP/2) has the socket now
+        self.sniff: bytes | None = None  # cleartext with HTTP/2 on: the first bytes, until told
+        self.h2c: Upgrade | None = None  # an `Upgrade: h2c` request, while its body arrives
 
     # asyncio.Protocol
 
@@ -134,13 +134,9 @@ class H1Connection(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self.flow = FlowControl(transport)
         self.parser: Parser = state.parser_factory(self, state.limits)
-        client = _address(transport.get_extra_info("peername"))
-        server = _address(transport.get_extra_info("sockname"))
-        self.endpoints = (
-            client,
-            server,
-            "https" if transport.get_extra_info("sslcontext") else "http",
-        )
+        self.endpoints = client, _, scheme = endpoints(transport)
+        if state.http2 is not None and scheme == "http":
+            self.sniff = b""
         proxy = state.proxy_headers
         self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
         self.deadline = state.clock + state.timeout_request_header
@@ -149,6 +145,10 @@ class H1Connection(asyncio.Protocol):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.sniff is not None:
+            data = self._sniff(data)
+            if not data:
+                return
         if self.idle:
             self.idle = False
             self.deadline = self.state.clock + self.state.timeout_request_header
@@ -158,11 +158,42 @@ class H1Connection(asyncio.Protocol):
             self.reject(exc.status, exc.reason)
         if self.next is not None and self.cycle is None:
             self._drive()
-        if self.parser.upgraded and not self._awaiting_handshake() and not self.taken_over:
-            # No upgrade handler: the request is served as plain HTTP, then the connection ends.
-            # (An accepted WebSocket, e.g. by an app that accepted in its first eager step,
-            # owns the socket and its reading now.)
-            self.flow.pause_reading()
+        if self.parser.upgraded and not self.taken_over:
+            if self.h2c is not None:
+                self._switch_to_h2c(self.h2c)
+            elif not self._awaiting_handshake():
+                # No upgrade handler: the request is served as plain HTTP, then the connection
+                # ends. (An accepted WebSocket, e.g. by an app that accepted in its first eager
+                # step, owns the socket and its reading now.)
+                self.flow.pause_reading()
+
+    def _sniff(self, data: bytes) -> bytes:
+        """The first bytes: the h2c connection preface goes to HTTP/2 (RFC 9113 §3.3); what
+        is returned is HTTP/1.1's to parse."""
+        assert self.sniff is not None
+        data = self.sniff + data
+        preface = h2c.maybe_preface(data)
+        if preface is None:  # too few bytes to tell yet
+            self.sniff = data
+            return b""
+        self.sniff = None
+        if preface:
+            self._hand_over(data, None)
+            return b""
+        return data
+
+    def _switch_to_h2c(self, upgrade: Upgrade) -> None:
+        """The `Upgrade: h2c` request is read whole: 101, then HTTP/2 answers it on stream 1."""
+        self.transport.write(h2c.SWITCHING)
+        self._hand_over(self.parser.trailing, upgrade)
+
+    def _hand_over(self, data: bytes, upgrade: Upgrade | None) -> None:
+        state = self.state
+        assert state.http2 is not None
+        self.taken_over = True
+        state.connections.discard(self)
+        self.h2c = self.next = self.pipeline = None
+        state.http2(state, self.transport, data, upgrade)
 
     def _awaiting_handshake(self) -> bool:
         """A WebSocket handshake is being answered: keep reading (to notice the client leave),
@@ -228,10 +259,14 @@ class H1Connection(asyncio.Protocol):
             raise ParseError(400, "Missing or duplicate Host header")
         if host_count and not wire.valid_host(host):
             raise ParseError(400, "Invalid Host header")
+        if upgrade and self._wants_h2c(
+            method, target, version, headers, upgrade, connection, length, coding
+        ):
+            return
         if coding is not None:
             check_transfer_coding(coding, length is not None)
         elif length is not None and state.limit_request_body is not None:
-            _check_length(int(length), state.limit_request_body)
+            check_length(int(length), state.limit_request_body)
         self.deadline = 0.0
         if self.last is not None:
             # Behind the request that ends the connection (RFC 9112 §9.6): never served.
@@ -240,7 +275,7 @@ class H1Connection(asyncio.Protocol):
             return
         raw_path, _, query = target.partition(b"?")
         if raw_path[:1] != b"/" and raw_path != b"*":
-            raw_path = _origin_path(raw_path)
+            raw_path = origin_path(raw_path)
         proxy = self.proxy if forwarded else None
         if version == "1.1":  # RFC 9110 §15.2: no 1xx responses to an HTTP/1.0 client
             extensions = {"http.response.early_hint": _EARLY_HINT}
@@ -253,12 +288,12 @@ class H1Connection(asyncio.Protocol):
         )
         has_body = length not in (None, b"0") or coding is not None
         expect = expect and has_body
-        if upgrade and state.ws_factory is not None and _websocket_upgrade(upgrade, connection):
+        if upgrade and state.ws_factory is not None and websocket_upgrade(upgrade, connection):
             cycle: RequestCycle = WebSocketRequest(state, self, scope, has_body, expect)
             self.last = cycle
         else:
             cycle = RequestCycle(state, self, scope, has_body, expect)
-            if not _keep_alive(version, connection):
+            if not keep_alive(version, connection):
                 self.last = cycle
         self.parsing = cycle if has_body else None
         if self.next is None:
@@ -275,13 +310,44 @@ class H1Connection(asyncio.Protocol):
         self.pipeline.append(cycle)
         self.flow.pause_reading()
 
+    def _wants_h2c(
+        self,
+        method: bytes,
+        target: bytes,
+        version: str,
+        headers: list[tuple[bytes, bytes]],
+        upgrade: bytes,
+        connection: bytes,
+        length: bytes | None,
+        coding: bytes | None,
+    ) -> bool:
+        """An `Upgrade: h2c` request that we follow: it is answered over HTTP/2 once read."""
+        if (
+            self.state.http2 is None
+            or self.endpoints[2] != "http"
+            or version != "1.1"
+            or self.cycle is not None
+            or self.next is not None
+            or self.last is not None
+        ):
+            return False
+        settings = h2c.upgrade_settings(headers, upgrade, connection, length, coding is not None)
+        if settings is None:
+            return False
+        self.h2c = Upgrade(method, target, headers, settings)
+        self.deadline = 0.0
+        self.parsing = None
+        return True
+
     def on_body(self, data: bytes) -> None:
         cycle = self.parsing
         if cycle is None:
+            if self.h2c is not None:
+                self.h2c.body += data
             return
         limit = self.state.limit_request_body
         if limit is not None:  # before buffering: the app never sees more than the limit
-            _check_length(cycle.body_received + len(data), limit)
+            check_length(cycle.body_received + len(data), limit)
         cycle.on_body(data)
         if len(cycle.body) > HIGH_WATER:
             self.flow.pause_reading()
@@ -535,36 +601,3 @@ class H1Connection(asyncio.Protocol):
         else:
             clock = self.state.clock
             self.deadline = min(self.deadline, clock) if self.deadline else clock
-
-
-def _keep_alive(version: str, connection: bytes) -> bool:
-    """RFC 9112 §9.3: HTTP/1.1 persists unless `close`; HTTP/1.0 only with `keep-alive`.
-    An upgrade request is served as plain HTTP, then the connection ends."""
-    if not connection:
-        return version == "1.1"
-    tokens = {token.strip() for token in connection.split(b",")}
-    if b"upgrade" in tokens:
-        return False
-    if version == "1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens
-
-
-def _websocket_upgrade(upgrade: bytes, connection: bytes) -> bool:
-    """RFC 6455 §4.2.1: `Upgrade: websocket` with `Connection: upgrade` (tokens, any case)."""
-    tokens = {token.strip() for token in connection.split(b",")}
-    return b"upgrade" in tokens and b"websocket" in {t.strip() for t in upgrade.split(b",")}
-
-
-def _check_length(length: int, limit: int) -> None:
-    if length > limit:
-        raise ParseError(413, "Request body too large")
-
-
-def _origin_path(target: bytes) -> bytes:
-    """The path of an absolute-form target (RFC 9112 §3.2.2), e.g. from a proxy."""
-    scheme_end = target.find(b"://")
-    if scheme_end < 0:
-        raise ParseError(400, "Invalid request target")
-    slash = target.find(b"/", scheme_end + 3)
-    return target[slash:] if slash >= 0 else b"/"

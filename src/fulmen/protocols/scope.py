@@ -7,6 +7,7 @@ of the lifespan state, and the proxy headers of a trusted peer.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -17,6 +18,24 @@ ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
 # Method bytes -> str, so that the same methods share one string; bounded against junk methods.
 _METHODS: dict[bytes, str] = {}
 _METHODS_MAX = 64
+
+
+Endpoints = tuple[tuple[str, int] | None, tuple[str, int] | None, str]
+
+
+def _address(info: object) -> tuple[str, int] | None:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+def endpoints(transport: asyncio.BaseTransport) -> Endpoints:
+    """(client, server, scheme) of a connection, as the scope reports them."""
+    return (
+        _address(transport.get_extra_info("peername")),
+        _address(transport.get_extra_info("sockname")),
+        "https" if transport.get_extra_info("sslcontext") else "http",
+    )
 
 
 def method_name(method: bytes) -> str:
@@ -34,7 +53,7 @@ def http_scope(
     query: bytes,
     version: str,
     headers: list[tuple[bytes, bytes]],
-    endpoints: tuple[tuple[str, int] | None, tuple[str, int] | None, str],
+    endpoints: Endpoints,
     proxy: ProxyHeaders | None,
     extensions: dict[str, Any],
 ) -> dict[str, Any]:

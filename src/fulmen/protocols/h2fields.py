@@ -1,0 +1,194 @@
+"""HTTP/2 header blocks (RFC 9113 §8.2, §8.3): a request's pseudo-header and field rules, and
+a response's fields as the application sent them.
+
+h2's own inbound validation is off: it treats every malformed request as a connection error,
+where RFC 9113 §8.1.1 asks for a stream error. Here a malformed request raises `Malformed`,
+which resets only its stream (PROTOCOL_ERROR). h2 still joins the `cookie` crumbs (§8.2.3).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from fulmen.protocols.fields import CONTENT_LENGTH, ORDINARY, SERVER_OR_DATE, check
+from fulmen.protocols.fields import content_length as app_content_length
+
+# RFC 9113 §8.2.1: lower-case tokens only; values without NUL, CR, LF or edge whitespace.
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
+# §8.2.2: fields that only make sense on one HTTP/1.1 connection.
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+_FORWARDING = frozenset(
+    (
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+    )
+)
+_STATUS = {status: b"%d" % status for status in range(100, 600)}
+
+
+class Malformed(Exception):
+    """A request that breaks RFC 9113 §8: its stream is reset with PROTOCOL_ERROR."""
+
+
+class Request:
+    """The parts of a request's header block the server acts on."""
+
+    __slots__ = (
+        "authority",
+        "expect",
+        "forwarded",
+        "headers",
+        "method",
+        "path",
+        "protocol",
+        "scheme",
+        "te_trailers",
+    )
+
+    def __init__(self) -> None:
+        self.method = self.scheme = self.authority = self.path = self.protocol = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.forwarded = False  # proxy headers to apply, if the peer is trusted
+        self.te_trailers = False  # `te: trailers`: the client reads response trailers
+        self.expect = False  # `expect: 100-continue`
+
+
+def parse_request(block: Iterable[tuple[bytes, bytes]], connect_protocol: bool) -> Request:
+    """Check a request's header block (§8.3.1); `connect_protocol`: extended CONNECT (RFC 8441)
+    was offered. The regular fields keep their order; `:authority` becomes `host` when the
+    request has none (as an HTTP/1.1 request would carry it)."""
+    request = Request()
+    headers = request.headers
+    host: bytes | None = None
+    seen: set[bytes] = set()
+    for name, value in block:
+        if _BAD_VALUE.search(value) is not None:
+            raise Malformed(f"invalid value of {name!r}")
+        if name[:1] == b":":
+            if headers or name not in _PSEUDO or name in seen:
+                raise Malformed(f"misplaced, unknown or repeated pseudo-header {name!r}")
+            seen.add(name)
+            setattr(request, name[1:].decode(), value)
+            continue
+        if _NAME.fullmatch(name) is None:
+            raise Malformed(f"invalid field name {name!r}")
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            raise Malformed(f"connection-specific field {name!r}")
+        if name == b"host":
+            if host is not None:
+                raise Malformed("repeated host")
+            host = value
+        elif name == b"te":
+            request.te_trailers = True
+        else:
+            _note(request, name, value)
+        headers.append((name, value))
+    _check_pseudo(request, seen, connect_protocol)
+    if request.authority:
+        if host is None:
+            headers.append((b"host", request.authority))
+        elif host != request.authority:  # §8.3.1: they must name the same origin
+            raise Malformed("host differs from :authority")
+    return request
+
+
+def _note(request: Request, name: bytes, value: bytes) -> None:
+    if name in _FORWARDING:
+        request.forwarded = True
+    elif name == b"expect":
+        request.expect = value.lower() == b"100-continue"
+
+
+def from_http1(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request:
+    """The request of an HTTP/1.1 `Upgrade: h2c` (RFC 7540 §3.2), answered on stream 1,
+    without the fields that belonged to its HTTP/1.1 connection."""
+    request = Request()
+    request.method = method
+    request.path = target
+    for name, value in headers:
+        if name in _CONNECTION_SPECIFIC or name == b"http2-settings":
+            continue
+        if name == b"te":
+            request.te_trailers = b"trailers" in value.lower()
+            continue
+        _note(request, name, value)
+        request.headers.append((name, value))
+    return request
+
+
+def _check_pseudo(request: Request, seen: set[bytes], connect_protocol: bool) -> None:
+    if not request.method:
+        raise Malformed("no :method")
+    if request.method == b"CONNECT":
+        if not request.protocol:  # §8.5: a tunnel to :authority, nothing else
+            if seen != {b":method", b":authority"}:
+                raise Malformed("CONNECT with pseudo-headers besides :authority")
+            return
+        if not connect_protocol:
+            raise Malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")
+        if not request.authority:  # RFC 8441 §4: :scheme and :path as well, below
+            raise Malformed("extended CONNECT without :authority")
+    elif request.protocol:
+        raise Malformed(":protocol on a method other than CONNECT")
+    path = request.path
+    if not request.scheme or not path:
+        raise Malformed("no :scheme or :path")
+    if path[:1] != b"/" and not (path == b"*" and request.method == b"OPTIONS"):
+        raise Malformed("invalid :path")
+
+
+def response_fields(
+    status: int, headers: Iterable[tuple[bytes, bytes]], defaults: list[tuple[bytes, bytes]]
+) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """The response's header block and the application's Content-Length (None if it sent
+    none). Names are checked and lower-cased as for HTTP/1.1 (`fields.check`); connection-
+    specific fields, which HTTP/2 forbids (§8.2.2), are dropped; `defaults` (server, date,
+    --header) are added unless the application sent the same names."""
+    block = [(b":status", _STATUS.get(status) or b"%d" % status)]
+    append = block.append
+    length: int | None = None
+    own: set[bytes] | None = None
+    for header in headers:
+        lname, kind = check(header)
+        if kind is not ORDINARY:
+            if kind is CONTENT_LENGTH:
+                length = app_content_length(header[1])
+            elif kind is SERVER_OR_DATE:
+                own = {lname} if own is None else own | {lname}
+            else:  # connection or transfer-encoding
+                continue
+        elif lname in _CONNECTION_SPECIFIC:
+            continue
+        append((lname, header[1]))
+    if own is None:
+        block.extend(defaults)
+    else:
+        block.extend(pair for pair in defaults if pair[0] not in own)
+    return block, length
+
+
+def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A trailer section: checked fields, none of them framing or connection fields
+    (RFC 9110 §6.5.1)."""
+    block = []
+    for header in headers:
+        lname, kind = check(header)
+        if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in _CONNECTION_SPECIFIC:
+            raise RuntimeError(f"Header {header[0]!r} is not allowed in trailers")
+        block.append((lname, header[1]))
+    return block
+
+
+def interim_fields(
+    status: int, headers: Iterable[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """An informational response's block (100 Continue, 103 Early Hints)."""
+    return [(b":status", _STATUS[status]), *((check(h)[0], h[1]) for h in headers)]

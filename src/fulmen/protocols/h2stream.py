@@ -1,0 +1,281 @@
+"""One HTTP/2 stream (RFC 9113 §5): the `Framer` and the `Flow` of the request it carries.
+
+The request cycle calls the framer as for any protocol; here each call becomes HEADERS and DATA
+frames on this stream, through the connection's h2 state machine. Flow control both ways:
+
+- Sending: DATA goes out as far as the stream's and the connection's send windows allow, in
+  frames no larger than the peer's SETTINGS_MAX_FRAME_SIZE. The rest waits here, `write_paused`
+  is set, and the cycle's next `send` waits in `drain()` until WINDOW_UPDATE frames (or the
+  socket's write buffer) let it all out. A stream waiting for window holds up no other stream.
+- Receiving: the body is credited back (WINDOW_UPDATE) as the application takes it
+  (`consumed`), not as it arrives, so a slow reader only ever holds its own stream's window.
+
+A failure resets this stream alone (RST_STREAM); the connection goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from h2.connection import H2Connection as H2State
+from h2.errors import ErrorCodes
+
+from fulmen.protocols.cycle import Headers, RequestCycle
+from fulmen.protocols.flow import wake
+from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
+from fulmen.state import ServerState
+
+_NO_BODY_STATUSES = frozenset((204, 304))
+
+
+class Connection(Protocol):
+    """What a stream needs of its HTTP/2 connection (`fulmen.protocols.http2.H2Connection`)."""
+
+    state: ServerState
+    h2: H2State
+    write_paused: bool  # the socket's write buffer is full
+    blocked: set[H2Stream]  # streams whose body waits for send window
+
+    def flush(self) -> None:
+        """Write the frames h2 has queued (unless handling received frames: then after)."""
+
+    def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None: ...
+
+    def stream_done(self, stream: H2Stream) -> None: ...
+
+
+class H2Stream:
+    """The framer of stream `stream_id`, created when its request's HEADERS arrive."""
+
+    __slots__ = (
+        "conn",
+        "cycle",
+        "done",
+        "no_body",
+        "pending",
+        "pending_end",
+        "read_paused",
+        "remaining",
+        "remote_ended",
+        "reset",
+        "scope",
+        "stream_id",
+        "trailers",
+        "unacked",
+        "waiter",
+        "write_paused",
+    )
+
+    def __init__(self, conn: Connection, stream_id: int, scope: dict[str, Any], ended: bool):
+        self.conn = conn
+        self.stream_id = stream_id
+        self.scope = scope
+        self.cycle: RequestCycle | None = None
+        self.remote_ended = ended  # the request is whole (END_STREAM received)
+        self.done = False  # the response is complete: its last frame is sent, or queued here
+        self.reset = False  # the stream is gone (reset by either side, or the connection lost)
+        self.no_body = False  # HEAD, 204, 304: the response has no DATA frames
+        self.remaining: int | None = None  # of the application's Content-Length
+        self.pending: bytes | None = None  # body bytes waiting for send window
+        self.pending_end = False  # the stream ends after `pending`
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # to send after `pending`
+        self.unacked = 0  # request body bytes received and not yet credited back
+        self.read_paused = False
+        self.write_paused = conn.write_paused
+        self.waiter: asyncio.Future[None] | None = None
+
+    # Framer
+
+    def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
+        block, length = response_fields(status, headers, self.conn.state.default_fields)
+        self.no_body = no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUSES
+        if length is not None:
+            self.remaining = length
+            if not no_body:
+                self._count(body, more_body)
+        elif not more_body and not no_body:
+            block.append((b"content-length", b"%d" % len(body)))
+        end = no_body or (not more_body and not body)
+        if not self.reset:
+            self.conn.h2.send_headers(self.stream_id, block, end_stream=end)
+            if end:
+                self._ended()
+            else:
+                self._data(body, not more_body)
+        self.conn.flush()
+
+    def send_body(self, body: bytes, more_body: bool) -> None:
+        if self.no_body or self.reset:
+            return
+        if self.remaining is not None:
+            self._count(body, more_body)
+        self._data(body, not more_body)
+        self.conn.flush()
+
+    def _count(self, body: bytes, more_body: bool) -> None:
+        """Hold the body to the application's Content-Length (RFC 9113 §8.1.1)."""
+        assert self.remaining is not None
+        remaining = self.remaining - len(body)
+        if remaining < 0:
+            raise RuntimeError("Response content longer than Content-Length")
+        if not more_body and remaining:
+            raise RuntimeError("Response content shorter than Content-Length")
+        self.remaining = remaining
+
+    def send_interim(self, status: int, headers: Headers = ()) -> None:
+        if not self.reset:
+            self.conn.h2.send_headers(self.stream_id, interim_fields(status, headers))
+            self.conn.flush()
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        block = trailer_fields(headers)
+        if self.remaining:
+            raise RuntimeError("Response content shorter than Content-Length")
+        if self.reset:
+            return
+        if self.pending is not None:
+            self.trailers = block  # after the body still waiting for window
+            return
+        self.conn.h2.send_headers(self.stream_id, block, end_stream=True)
+        self._ended()
+        self.conn.flush()
+
+    def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.send_head(status, headers, body, False)
+
+    def consumed(self, size: int) -> None:
+        """Credit `size` body bytes back to the peer (WINDOW_UPDATE, batched by h2)."""
+        self.unacked -= size
+        if size and not self.reset:
+            self.conn.h2.acknowledge_received_data(size, self.stream_id)
+            self.conn.flush()
+
+    @property
+    def flow(self) -> H2Stream:
+        return self
+
+    def abort(self) -> None:
+        """RST_STREAM INTERNAL_ERROR: the peer sees this response broken, the others go on."""
+        if not self.reset:
+            self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
+
+    def complete(self) -> None:
+        """The cycle is done with the response (its last frame may still wait for window)."""
+        self.cycle = None
+        if self.pending is None and not self.reset:
+            self.conn.stream_done(self)
+
+    # Flow
+
+    def pause_reading(self) -> None:
+        self.read_paused = True  # credit is only given back by `consumed`, nothing to do
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+
+    async def drain(self) -> None:
+        if not self.write_paused:
+            return
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            waiter = self.waiter = self.conn.state.loop.create_future()
+        await waiter
+
+    def wake(self) -> None:
+        """Let a `send` waiting in `drain()` go on, unless writing is still paused."""
+        if (self.pending is None and not self.conn.write_paused) or self.reset:
+            self.write_paused = False
+            waiter = self.waiter
+            self.waiter = None
+            wake(waiter)
+
+    # Sending DATA within the flow-control windows
+
+    def _data(self, data: bytes, end: bool) -> None:
+        if self.pending is not None:  # the cycle skipped its drain: the client has left
+            self.pending += data
+            self.pending_end = end
+            return
+        self.pending = data
+        self.pending_end = end
+        self.push()
+
+    def push(self) -> None:
+        """Send what the windows allow of `pending`: called on each new body and on each
+        WINDOW_UPDATE or SETTINGS change while bytes wait."""
+        data = self.pending
+        if data is None or self.reset:
+            return
+        h2 = self.conn.h2
+        stream_id = self.stream_id
+        window = h2.local_flow_control_window(stream_id)
+        frame = h2.max_outbound_frame_size
+        size = len(data)
+        sent = 0
+        while sent < size and window > 0:
+            chunk = min(size - sent, window, frame)
+            last = sent + chunk == size
+            h2.send_data(stream_id, data[sent : sent + chunk], self.pending_end and last)
+            sent += chunk
+            window -= chunk
+        if sent < size:
+            self.pending = data[sent:]
+            self.write_paused = True
+            self.conn.blocked.add(self)
+            return
+        self.pending = None
+        if self.pending_end:
+            if not size:
+                h2.end_stream(stream_id)
+            self._ended()
+        elif self.trailers is not None:
+            h2.send_headers(stream_id, self.trailers, end_stream=True)
+            self._ended()
+        self.conn.blocked.discard(self)
+        self.wake()
+
+    def _ended(self) -> None:
+        """The last frame of the response is out: once the cycle is done too, so is the
+        stream."""
+        self.done = True
+        if self.cycle is None:
+            self.conn.stream_done(self)
+
+    # Events from the connection
+
+    def on_data(self, data: bytes, flow_controlled: int) -> None:
+        cycle = self.cycle
+        padding = flow_controlled - len(data)
+        if padding:  # never reaches the app: credit it back now
+            self.conn.h2.acknowledge_received_data(padding, self.stream_id)
+        if cycle is None or self.reset:  # the response is complete: the body is not wanted
+            if data:
+                self.conn.h2.acknowledge_received_data(len(data), self.stream_id)
+            return
+        self.unacked += len(data)
+        cycle.on_body(data)
+
+    def on_end(self) -> None:
+        """END_STREAM: the request is whole. Its last window credit is not needed any more."""
+        self.remote_ended = True
+        self.release_credit()
+        if self.cycle is not None:
+            self.cycle.on_message_complete()
+
+    def release_credit(self) -> None:
+        """Credit back the connection window for body bytes the app will never take."""
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            # (For a stream h2 has closed, this credits the connection alone.)
+            self.conn.h2.acknowledge_received_data(unacked, self.stream_id)
+
+    def on_reset(self) -> None:
+        """The stream is gone: the app sees `http.disconnect`, waiting sends go on."""
+        self.reset = True
+        self.pending = None
+        self.trailers = None
+        self.release_credit()
+        self.wake()
+        if self.cycle is not None:
+            self.cycle.on_disconnect()
