@@ -16,15 +16,20 @@ A failure resets this stream alone (RST_STREAM); the connection goes on.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, Protocol
 
 from h2.connection import H2Connection as H2State
 from h2.errors import ErrorCodes
+from h2.exceptions import StreamClosedError
 
 from fulmen.protocols.cycle import Headers, RequestCycle
 from fulmen.protocols.flow import wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
 from fulmen.state import ServerState
+
+P = ParamSpec("P")
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 
@@ -33,16 +38,36 @@ class Connection(Protocol):
     """What a stream needs of its HTTP/2 connection (`fulmen.protocols.http2.H2Connection`)."""
 
     state: ServerState
-    h2: H2State
+
+    @property
+    def h2(self) -> H2State:
+        """The connection's h2 state machine."""
+
     write_paused: bool  # the socket's write buffer is full
     blocked: set[H2Stream]  # streams whose body waits for send window
 
-    def flush(self) -> None:
+    def flush(self, now: bool = False) -> None:
         """Write the frames h2 has queued (unless handling received frames: then after)."""
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None: ...
 
     def stream_done(self, stream: H2Stream) -> None: ...
+
+
+def _gone_is_reset(method: Callable[P, None]) -> Callable[P, None]:
+    """A Framer method of a stream h2 has closed already (the client's RST_STREAM came in the
+    same read, and is handled after this): the stream is reset, the call sends nothing."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except StreamClosedError:
+            stream = args[0]
+            assert isinstance(stream, H2Stream)
+            stream.on_reset()
+
+    return call
 
 
 class H2Stream:
@@ -87,6 +112,7 @@ class H2Stream:
 
     # Framer
 
+    @_gone_is_reset
     def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
         block, length = response_fields(status, headers, self.conn.state.default_fields)
         self.no_body = no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUSES
@@ -105,6 +131,7 @@ class H2Stream:
                 self._data(body, not more_body)
         self.conn.flush()
 
+    @_gone_is_reset
     def send_body(self, body: bytes, more_body: bool) -> None:
         if self.no_body or self.reset:
             return
@@ -123,11 +150,13 @@ class H2Stream:
             raise RuntimeError("Response content shorter than Content-Length")
         self.remaining = remaining
 
+    @_gone_is_reset
     def send_interim(self, status: int, headers: Headers = ()) -> None:
         if not self.reset:
             self.conn.h2.send_headers(self.stream_id, interim_fields(status, headers))
             self.conn.flush()
 
+    @_gone_is_reset
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         block = trailer_fields(headers)
         if self.remaining:
@@ -144,6 +173,7 @@ class H2Stream:
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.send_head(status, headers, body, False)
 
+    @_gone_is_reset
     def consumed(self, size: int) -> None:
         """Credit `size` body bytes back to the peer (WINDOW_UPDATE, batched by h2)."""
         self.unacked -= size
@@ -201,6 +231,7 @@ class H2Stream:
         self.pending_end = end
         self.push()
 
+    @_gone_is_reset
     def push(self) -> None:
         """Send what the windows allow of `pending`: called on each new body and on each
         WINDOW_UPDATE or SETTINGS change while bytes wait."""

@@ -31,7 +31,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
@@ -65,6 +65,21 @@ _CALM = ErrorCodes.ENHANCE_YOUR_CALM
 RESETS_PER_TICK = 200
 CONTROL_PER_TICK = 1000
 EMPTY_DATA_PER_TICK = 1000
+# DATA on closed streams, which h2 answers with RST_STREAM each: checked inside h2's reading, so
+# that one large read cannot queue an answer per frame.
+CLOSED_DATA_PER_TICK = 100
+
+
+class _State(H2State):
+    """h2's connection, counting DATA frames on closed streams (h2 reports no event for them)."""
+
+    closed_data = 0
+
+    def _handle_data_on_closed_stream(self, *args: Any) -> Any:
+        self.closed_data += 1
+        if self.closed_data > CLOSED_DATA_PER_TICK:
+            raise DenialOfServiceError("too many DATA frames on closed streams")
+        return super()._handle_data_on_closed_stream(*args)
 
 
 class H2Connection(asyncio.Protocol):
@@ -80,7 +95,7 @@ class H2Connection(asyncio.Protocol):
         self.closing = False  # GOAWAY sent: no new streams
         self.failed = False  # a connection error: nothing more is read or sent
         self.deadline = 0.0
-        self.h2 = H2State(_CONFIG)
+        self.h2 = _State(_CONFIG)
         # Apps still running for streams the client reset: they count against the stream limit.
         self.orphans = 0
         self.resets = self.control = self.empty = 0  # per tick, see the bounds above
@@ -137,6 +152,8 @@ class H2Connection(asyncio.Protocol):
                     handler(self, event)
                     if self.failed:
                         break
+        except ProtocolError as exc:  # h2 refused what a handler sent: end the connection
+            self._connection_error(exc)
         finally:
             self.batching = False
             self.flush()
@@ -163,8 +180,9 @@ class H2Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream.wake()
 
-    def flush(self) -> None:
-        if not self.batching:
+    def flush(self, now: bool = False) -> None:
+        """Write the frames h2 has queued: at once, or after the received frames are handled."""
+        if now or not self.batching:
             data = self.h2.data_to_send()
             if data:
                 self.transport.write(data)
@@ -176,14 +194,15 @@ class H2Connection(asyncio.Protocol):
         if self.closing or len(self.streams) + self.orphans >= self.state.h2_max_streams:
             # After our GOAWAY, or while apps of reset streams still run: not processed, so
             # the client may retry it (RFC 9113 §8.7).
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._rst(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._count_reset()
             return
         try:
             request = parse_request(event.headers or (), False)
         except Malformed as exc:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("Malformed HTTP/2 request on stream %d: %s", stream_id, exc)
-            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._rst(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         self._serve(stream_id, request, event.stream_ended is not None)
 
@@ -273,9 +292,14 @@ class H2Connection(asyncio.Protocol):
         if task is not None and not task.done():
             self.orphans += 1
             task.add_done_callback(self._orphan_done)
+        self._count_reset()
+
+    def _count_reset(self) -> None:
+        """A stream reset by the client before its response, or refused: both cost the server
+        and serve nothing."""
         self.resets += 1
-        if self.resets > RESETS_PER_TICK:
-            self._calm("streams reset")
+        if self.resets > RESETS_PER_TICK and not self.failed:
+            self._calm("streams reset or refused")
 
     def _orphan_done(self, task: asyncio.Task[None]) -> None:
         self.orphans -= 1
@@ -355,7 +379,7 @@ class H2Connection(asyncio.Protocol):
         if self.h2.state_machine.state is not ConnectionState.CLOSED:
             # h2 checks the preface before its state machine, and queues no GOAWAY for it.
             self.h2.close_connection(exc.error_code if code is None else code)
-        self.flush()
+        self.flush(True)
         self._drop_streams()
         self.transport.close()
 
@@ -370,7 +394,7 @@ class H2Connection(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         """Server tick: close an idle connection, or one whose preface never came."""
-        self.resets = self.control = self.empty = 0
+        self.resets = self.control = self.empty = self.h2.closed_data = 0
         if self.deadline and now >= self.deadline and not self.streams:
             self.shutdown()
 
@@ -384,7 +408,7 @@ class H2Connection(asyncio.Protocol):
             goaway = GoAwayFrame(0)
             goaway.last_stream_id = self.h2.highest_inbound_stream_id
             goaway.error_code = _NO_ERROR
-            self.flush()
+            self.flush(True)
             self.transport.write(goaway.serialize())
         if not self.streams:
             self.transport.close()
