@@ -30,7 +30,8 @@ PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>fulmen</title></head><body><script>
 const sent = %s;  // JSON: ASCII escapes, so the page encoding cannot alter it
 const report = (key, value) => fetch("/result?" + key + "=" + encodeURIComponent(value));
-const ws = new WebSocket("ws://" + location.host + "/ws");
+const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+const ws = new WebSocket(scheme + location.host + "/ws");
 ws.onopen = () => ws.send(sent);
 ws.onmessage = (event) => { ws.close(1000); report("echo", event.data); };
 ws.onclose = (event) => { if (!event.wasClean) report("error", "closed " + event.code); };
@@ -67,10 +68,13 @@ class Recorder:
         self.done = threading.Event()
         self.first_message = ""
         self.connect_headers: dict[str, str] = {}
+        self.versions: dict[str, str] = {}  # scope type -> http_version
         self.received: list[str] = []
         self.result: dict[str, str] = {}
 
     async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        with self.lock:
+            self.versions[scope["type"]] = scope["http_version"]
         if scope["type"] == "websocket":
             await self.websocket(scope, receive, send)
             return
@@ -116,7 +120,7 @@ def _browser_profile() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _browser(url: str) -> Iterator[Callable[[], str]]:
+def _browser(url: str, *flags: str) -> Iterator[Callable[[], str]]:
     """Headless Chromium showing `url` until the block ends, in a fresh profile.
 
     Yields a function returning what Chromium wrote to stderr so far (for failure messages).
@@ -125,7 +129,7 @@ def _browser(url: str) -> Iterator[Callable[[], str]]:
     with _browser_profile() as profile, tempfile.TemporaryFile() as log:
         # Its own session, so stopping it stops the renderer and helper processes too.
         proc = subprocess.Popen(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", url],
+            [CHROMIUM, *FLAGS, *flags, f"--user-data-dir={profile}", url],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -162,4 +166,24 @@ def test_browser_websocket_echo(serve_one: Any, engine: str) -> None:
         assert recorder.first_message == "websocket.connect"
         headers = recorder.connect_headers
     assert headers["origin"] == srv.url
+    assert "permessage-deflate" in headers["sec-websocket-extensions"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("engine", ["websockets", "wsproto"])
+def test_browser_websocket_over_http2(serve_one: Any, certs: Any, engine: str) -> None:
+    """Over TLS, Chromium loads the page with HTTP/2 (ALPN h2) and, offered extended CONNECT,
+    opens its WebSocket as a stream of that connection (RFC 8441)."""
+    recorder = Recorder()
+    tls = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key}
+    with serve_one(recorder.app, ws=engine, **tls) as srv:
+        url = f"https://localhost:{srv.port}/"
+        with _browser(url, "--ignore-certificate-errors") as output:
+            assert recorder.done.wait(TIMEOUT), f"no result from the browser:\n{output()}"
+    with recorder.lock:
+        assert recorder.result == {"echo": TEXT}
+        assert recorder.received == [TEXT]
+        assert recorder.versions == {"http": "2", "websocket": "2"}
+        headers = recorder.connect_headers
     assert "permessage-deflate" in headers["sec-websocket-extensions"]

@@ -70,6 +70,17 @@ def _gone_is_reset(method: Callable[P, None]) -> Callable[P, None]:
     return call
 
 
+class Tunnel(Protocol):
+    """What carries a stream's DATA instead of a request body: a WebSocket (RFC 8441,
+    `fulmen.protocols.websocket_h2.H2WebSocket`)."""
+
+    def on_data(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def on_reset(self) -> None: ...
+
+
 class H2Stream:
     """The framer of stream `stream_id`, created when its request's HEADERS arrive."""
 
@@ -87,6 +98,7 @@ class H2Stream:
         "scope",
         "stream_id",
         "trailers",
+        "tunnel",
         "unacked",
         "waiter",
         "write_paused",
@@ -106,6 +118,7 @@ class H2Stream:
         self.pending_end = False  # the stream ends after `pending`
         self.trailers: list[tuple[bytes, bytes]] | None = None  # to send after `pending`
         self.unacked = 0  # request body bytes received and not yet credited back
+        self.tunnel: Tunnel | None = None  # a WebSocket, which takes the DATA frames
         self.read_paused = False
         self.write_paused = conn.write_paused
         self.waiter: asyncio.Future[None] | None = None
@@ -202,7 +215,11 @@ class H2Stream:
         self.read_paused = True  # credit is only given back by `consumed`, nothing to do
 
     def resume_reading(self) -> None:
+        """A tunnel's reader has room again: credit back what it held."""
         self.read_paused = False
+        if self.tunnel is not None and self.unacked and not self.reset:
+            self.release_credit()
+            self.conn.flush()
 
     async def drain(self) -> None:
         if not self.write_paused:
@@ -280,6 +297,14 @@ class H2Stream:
         padding = flow_controlled - len(data)
         if padding:  # never reaches the app: credit it back now
             self.conn.h2.acknowledge_received_data(padding, self.stream_id)
+        tunnel = self.tunnel
+        if tunnel is not None:  # credited as it arrives, unless the reader is paused
+            if self.read_paused:
+                self.unacked += len(data)
+            elif data:
+                self.conn.h2.acknowledge_received_data(len(data), self.stream_id)
+            tunnel.on_data(data)
+            return
         if cycle is None or self.reset:  # the response is complete: the body is not wanted
             if data:
                 self.conn.h2.acknowledge_received_data(len(data), self.stream_id)
@@ -291,7 +316,9 @@ class H2Stream:
         """END_STREAM: the request is whole. Its last window credit is not needed any more."""
         self.remote_ended = True
         self.release_credit()
-        if self.cycle is not None:
+        if self.tunnel is not None:
+            self.tunnel.on_end()
+        elif self.cycle is not None:
             self.cycle.on_message_complete()
 
     def release_credit(self) -> None:
@@ -310,3 +337,5 @@ class H2Stream:
         self.wake()
         if self.cycle is not None:
             self.cycle.on_disconnect()
+        if self.tunnel is not None:
+            self.tunnel.on_reset()

@@ -41,6 +41,8 @@ from fulmen.protocols.h2fields import Malformed, Request, from_http1, parse_requ
 from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
+from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
+from fulmen.protocols.websocket_h2 import H2WebSocket
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -117,6 +119,8 @@ class H2Connection(asyncio.Protocol):
                 SettingCodes.MAX_HEADER_LIST_SIZE: state.limits.head,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 SettingCodes.ENABLE_PUSH: 0,
+                # RFC 8441: extended CONNECT, for WebSockets over HTTP/2.
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: int(state.ws_factory is not None),
             },
         )
         upgrade = self.upgrade
@@ -198,7 +202,7 @@ class H2Connection(asyncio.Protocol):
             self._count_reset()
             return
         try:
-            request = parse_request(event.headers or (), False)
+            request = parse_request(event.headers or (), self.state.ws_factory is not None)
         except Malformed as exc:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("Malformed HTTP/2 request on stream %d: %s", stream_id, exc)
@@ -225,15 +229,27 @@ class H2Connection(asyncio.Protocol):
             extensions,
         )
         stream = H2Stream(self, stream_id, scope, ended)
-        cycle = RequestCycle(state, stream, scope, not ended, request.expect and not ended)
-        stream.cycle = cycle
         self.streams[stream_id] = stream
         self.deadline = 0.0
+        if request.protocol:
+            cycle: RequestCycle = WebSocketRequest(state, stream, scope)
+            stream.cycle = cycle
+            if request.protocol != b"websocket":  # RFC 8441 §4: a protocol we do not speak
+                cycle.reject(501, b"Unsupported :protocol")
+                return stream
+            driver = stream.tunnel = H2WebSocket(stream)
+            driver.session = session = WebSocketSession(cast(WebSocketRequest, cycle), driver)
+            coro = session.run(state.app)
+        else:
+            cycle = RequestCycle(state, stream, scope, not ended, request.expect and not ended)
+            stream.cycle = cycle
+            coro = cycle.run(state.app)
         limit = state.limit_concurrency
         if limit and len(state.tasks) >= limit:
+            coro.close()
             cycle.reject(503, b"Service Unavailable")
             return stream
-        task = start_task(state.loop, cycle.run(state.app), state.context, True)
+        task = start_task(state.loop, coro, state.context, True)
         if not task.done():
             cycle.task = task
             state.tasks.add(task)
@@ -395,8 +411,18 @@ class H2Connection(asyncio.Protocol):
     def check_timeout(self, now: float) -> None:
         """Server tick: close an idle connection, or one whose preface never came."""
         self.resets = self.control = self.empty = self.h2.closed_data = 0
+        for session in self._sessions():
+            session.check_timeout(now)
         if self.deadline and now >= self.deadline and not self.streams:
             self.shutdown()
+
+    def _sessions(self) -> list[WebSocketSession]:
+        """The WebSockets open on this connection."""
+        return [
+            stream.tunnel.session
+            for stream in self.streams.values()
+            if isinstance(stream.tunnel, H2WebSocket) and stream.tunnel.session is not None
+        ]
 
     def shutdown(self) -> None:
         """GOAWAY with the last stream we will serve; close once those streams are done.
@@ -410,6 +436,8 @@ class H2Connection(asyncio.Protocol):
             goaway.error_code = _NO_ERROR
             self.flush(True)
             self.transport.write(goaway.serialize())
+        for session in self._sessions():
+            session.shutdown()
         if not self.streams:
             self.transport.close()
 
