@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from fulmen import Config
+from fulmen.protocols import dispatch
 from fulmen.protocols.http1 import H1Connection
 from fulmen.state import ServerState
 
@@ -130,6 +131,8 @@ async def drive(http: str, app_name: str, n: int, ws: str) -> float:
     request = GET if app_name == "hello" else POST
     config = Config(app, http=http, access_log=False)
     state = ServerState(config, app, {}, asyncio.get_running_loop())
+    if config.use_http2:  # as the server does: HTTP/1.1 connections then look for h2c
+        dispatch.enable_http2(state)
     conn = H1Connection(state)
     transport = StubTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]

@@ -4,7 +4,9 @@
   `calls`, validates headers and an app-given Content-Length the way the real framers do, and
   lets a test hold writes back (`blocked`).
 - `make_cycle(...)`: a `RequestCycle` over a `RecordingFramer`, with a real `ServerState` on the
-  running loop and an ordinary `GET /` scope.
+  running loop and an ordinary `GET /` scope. Inside `framer_under_test("h2")` the framer is an
+  `H2RecordingFramer` (`tests.protocols.h2harness`): the same recording, with a real HTTP/2
+  stream underneath whose frames are checked when the block ends.
 - `FakeTransport` and `H1Peer`: a real `H1Connection` fed scripted bytes, with what it writes
   collected, its read pauses recorded, and write pauses triggered on demand (which a socket
   cannot produce on demand).
@@ -15,8 +17,9 @@ Everything runs on the test's own event loop: call these inside a coroutine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -34,6 +37,9 @@ CLIENT = ("127.0.0.1", 50000)
 SERVER = ("127.0.0.1", 8000)
 ENDPOINTS = (CLIENT, SERVER, "http")
 REQUEST_HEADERS = [(b"host", b"test")]
+FRAMERS = ("recording", "h2")  # what `make_cycle` can build, see `framer_under_test`
+FRAMER = "recording"
+BUILT: list[Any] = []  # the H2RecordingFramers `make_cycle` built, checked at the end
 
 
 async def settle(turns: int = SETTLE) -> None:
@@ -154,7 +160,8 @@ async def _no_app(scope: Any, receive: Any, send: Any) -> None:
 def make_cycle(
     app_state: dict[str, Any] | None = None, **config_kwargs: Any
 ) -> tuple[RequestCycle, RecordingFramer]:
-    """A `RequestCycle` for `GET /` from CLIENT, over a fresh `RecordingFramer`.
+    """A `RequestCycle` for `GET /` from CLIENT, over a fresh `RecordingFramer` (an
+    `H2RecordingFramer`, over its own HTTP/2 connection, when `FRAMER` is "h2").
 
     The `ServerState` is built from `Config(app, **config_kwargs)` on the running loop, with
     the access log and proxy headers off unless asked for. Set `cycle.more_body = True` for a
@@ -165,16 +172,40 @@ def make_cycle(
     config = Config(_no_app, **options)
     state = ServerState(config, _no_app, {} if app_state is None else app_state, loop)
     scope = http_scope(state, b"GET", b"/", b"", "1.1", list(REQUEST_HEADERS), ENDPOINTS, None, {})
+    if FRAMER == "h2":
+        from tests.protocols.h2harness import h2_cycle  # it builds on this module
+
+        cycle, h2_framer = h2_cycle(state, scope)
+        BUILT.append(h2_framer)
+        return cycle, h2_framer
     framer = RecordingFramer()
     return RequestCycle(state, framer, scope), framer
+
+
+@contextlib.contextmanager
+def framer_under_test(kind: str) -> Iterator[None]:
+    """Inside, `make_cycle` builds `kind` framers ("recording" or "h2"); at the end, the frames
+    of each HTTP/2 one are checked against its calls (`H2RecordingFramer.check`)."""
+    global FRAMER
+    assert kind in FRAMERS
+    FRAMER = kind
+    BUILT.clear()
+    try:
+        yield
+    finally:
+        FRAMER = "recording"
+    built = list(BUILT)
+    BUILT.clear()
+    for framer in built:
+        framer.check()
 
 
 # A real H1Connection over a fake transport
 
 
 class FakeTransport:
-    """What `H1Connection` uses of an asyncio transport; `close()` ends the connection soon,
-    as asyncio does.
+    """What `H1Connection` and `H2Connection` use of an asyncio transport; `close()` ends the
+    connection soon, as asyncio does. It has no addresses: `get_extra_info` gives the default.
 
     `written` collects what the protocol wrote; `read_calls` records "pause" and "resume" of
     reading. `trigger_pause_writing()` and `trigger_resume_writing()` call the protocol as

@@ -9,6 +9,7 @@ own framer (HTTP/2 per stream) can be checked against the same calls.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,12 +17,14 @@ import pytest
 from fulmen.protocols.cycle import DONE, HEAD, RequestCycle
 from tests.protocols.harness import (
     ERROR_500,
+    FRAMERS,
     PLAIN,
     TEXT,
     RecordingFramer,
     app_sending,
     body,
     errors,
+    framer_under_test,
     make_cycle,
     run,
     serve,
@@ -31,6 +34,14 @@ from tests.protocols.harness import (
 )
 
 TIMEOUT = 5.0
+
+
+@pytest.fixture(autouse=True, params=FRAMERS)
+def framer_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test twice: over the `RecordingFramer`, then with the HTTP/2 stream framer
+    underneath, whose frames are checked after the test (`harness.framer_under_test`)."""
+    with framer_under_test(request.param):
+        yield request.param
 
 
 # Message order

@@ -5,15 +5,20 @@ through the real `H1Connection` over a fake transport."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from fulmen.protocols.cycle import START
 from tests.protocols.harness import (
+    FRAMERS,
     TEXT,
     H1Peer,
     app_sending,
     body,
     errors,
+    framer_under_test,
     make_cycle,
     run,
     settle,
@@ -22,6 +27,21 @@ from tests.protocols.harness import (
 )
 
 TIMEOUT = 5.0
+
+
+@pytest.fixture(autouse=True, params=FRAMERS)
+def framer_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test twice: over the `RecordingFramer`, then with the HTTP/2 stream framer
+    underneath, whose frames are checked after the test (`harness.framer_under_test`)."""
+    with framer_under_test(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def h1_only(framer_kind: str) -> None:
+    """For the tests of the HTTP/1.1 wire itself (`H1Peer`): they build no cycle framer."""
+    if framer_kind == "h2":
+        pytest.skip("HTTP/1.1 wire test through H1Peer: there is no cycle framer to swap")
 
 
 def reading_app(received: list[Any]) -> Any:
@@ -443,6 +463,7 @@ def test_no_100_continue_to_a_client_that_left() -> None:
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+@pytest.mark.usefixtures("h1_only")
 def test_h1_100_continue_on_the_wire() -> None:
     async def main() -> None:
         gate = asyncio.get_running_loop().create_future()
@@ -469,6 +490,7 @@ def test_h1_100_continue_on_the_wire() -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("h1_only")
 def test_h1_pause_writing_holds_send_until_resume() -> None:
     async def main() -> None:
         sent: list[str] = []
@@ -496,6 +518,7 @@ def test_h1_pause_writing_holds_send_until_resume() -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("h1_only")
 def test_h1_app_error_after_head_closes_the_transport(logs: Any) -> None:
     async def main() -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -515,6 +538,7 @@ def test_h1_app_error_after_head_closes_the_transport(logs: Any) -> None:
     assert len(errors(logs)) == 1
 
 
+@pytest.mark.usefixtures("h1_only")
 def test_h1_app_error_before_head_is_500_and_close() -> None:
     async def main() -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -531,6 +555,7 @@ def test_h1_app_error_before_head_is_500_and_close() -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("h1_only")
 def test_h1_large_body_pauses_reading_until_consumed() -> None:
     async def main() -> None:
         received: list[int] = []

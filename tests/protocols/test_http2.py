@@ -8,9 +8,11 @@ from typing import Any
 
 import h2.errors
 import h2.events
+import httpx
 import pytest
 
 from tests.protocols.h2client import H2Client, connect
+from tests.test_metrics import _metrics_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -334,3 +336,57 @@ def test_preface_split_across_packets(serve_one) -> None:
         client.sock.sendall(data[2:])
         response = client.get()
     assert response.status == 200
+
+
+def test_proxy_headers_and_root_path(serve_one) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    with serve_one(app, forwarded_allow_ips="127.0.0.1", root_path="/api") as srv:
+        headers = [(b"x-forwarded-for", b"203.0.113.9"), (b"x-forwarded-proto", b"https")]
+        assert connect(srv.port).get("/items", headers=headers).status == 204
+    scope = seen[0]
+    assert scope["client"] == ("203.0.113.9", 0)
+    assert scope["scheme"] == "https"
+    assert scope["root_path"] == "/api"
+    assert scope["path"] == "/api/items"
+
+
+def test_metrics_and_message_logger_see_h2_requests(serve_one) -> None:
+    with serve_one(echo, metrics_bind="127.0.0.1:0", log_level="trace") as srv:
+        client = connect(srv.port)
+        for _ in range(3):
+            assert client.get("/m").status == 200
+        text = httpx.get(_metrics_url(srv), timeout=10).text
+    assert 'fulmen_requests_total{status="200"} 3' in text
+    traced = [m for m in srv.messages(0) if " - ASGI [" in m]  # TRACE is below DEBUG
+    assert any("'http_version': '2'" in m for m in traced)
+    assert sum(m.endswith("Completed") for m in traced) == 3
+
+
+def test_response_fields_http2_forbids_are_fixed_or_dropped(serve_one) -> None:
+    """Edge whitespace is stripped (RFC 9113 §8.2.1) and `te` dropped (§8.2.2): an h2 client
+    would otherwise end the whole connection."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.early_hint", "links": [b" </a.css>; rel=preload "]})
+        headers = [(b"x-a", b"v "), (b"x-b", b"\tw"), (b"te", b"gzip"), (b"keep-alive", b"5")]
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": headers, "trailers": True}
+        )
+        await send({"type": "http.response.body", "body": b"x"})
+        await send({"type": "http.response.trailers", "headers": [(b"x-t", b" t ")]})
+
+    with serve_one(app) as srv:
+        client = connect(srv.port)
+        response = client.get(headers=[(b"te", b"trailers")])
+        assert client.get(headers=[(b"te", b"trailers")]).status == 200  # the connection went on
+    fields = response.fields
+    assert (fields[b"x-a"], fields[b"x-b"]) == (b"v", b"w")
+    assert b"te" not in fields and b"keep-alive" not in fields
+    assert response.informational[0][1] == (b"link", b"</a.css>; rel=preload")
+    assert response.trailers == [(b"x-t", b"t")]

@@ -32,6 +32,17 @@ _FORWARDING = frozenset(
     )
 )
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
+# Never sent in HTTP/2 responses: the connection-specific fields, and `te` (request-only).
+_NOT_SENT = _CONNECTION_SPECIFIC | {b"te"}
+_SPACE = (32, 9)  # SP, HTAB
+
+
+def _value(value: bytes) -> bytes:
+    """A response field value without the edge whitespace HTTP/2 forbids (RFC 9113 §8.2.1;
+    HTTP/1.1 strips it when parsing, so nothing is lost)."""
+    if value and (value[0] in _SPACE or value[-1] in _SPACE):
+        return value.strip(b" \t")
+    return value
 
 
 class Malformed(Exception):
@@ -165,9 +176,9 @@ def response_fields(
                 own = {lname} if own is None else own | {lname}
             else:  # connection or transfer-encoding
                 continue
-        elif lname in _CONNECTION_SPECIFIC:
+        elif lname in _NOT_SENT:
             continue
-        append((lname, header[1]))
+        append((lname, _value(header[1])))
     if own is None:
         block.extend(defaults)
     else:
@@ -181,9 +192,9 @@ def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     block = []
     for header in headers:
         lname, kind = check(header)
-        if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in _CONNECTION_SPECIFIC:
+        if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in _NOT_SENT:
             raise RuntimeError(f"Header {header[0]!r} is not allowed in trailers")
-        block.append((lname, header[1]))
+        block.append((lname, _value(header[1])))
     return block
 
 
@@ -191,4 +202,4 @@ def interim_fields(
     status: int, headers: Iterable[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
     """An informational response's block (100 Continue, 103 Early Hints)."""
-    return [(b":status", _STATUS[status]), *((check(h)[0], h[1]) for h in headers)]
+    return [(b":status", _STATUS[status]), *((check(h)[0], _value(h[1])) for h in headers)]
