@@ -146,7 +146,6 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:  # h2 has queued GOAWAY with the error code
-            self.batching = False
             self._connection_error(exc)
             return
         try:
@@ -160,7 +159,7 @@ class H2Connection(asyncio.Protocol):
             self._connection_error(exc)
         finally:
             self.batching = False
-            self.flush()
+            self._write()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
@@ -185,11 +184,28 @@ class H2Connection(asyncio.Protocol):
             stream.wake()
 
     def flush(self, now: bool = False) -> None:
-        """Write the frames h2 has queued: at once, or after the received frames are handled."""
-        if now or not self.batching:
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
+        """Write the frames h2 has queued: `now`, or once per loop iteration, so that the
+        frames of every stream that sent meanwhile go out in one `transport.write` (while
+        received frames are handled, at their end)."""
+        if now:
+            self._write()
+        elif not self.batching:
+            self.batching = True
+            self.state.loop.call_soon(self._write_batch)
+
+    def _write_batch(self) -> None:
+        self.batching = False
+        self._write()
+
+    def _close(self) -> None:
+        """Close the connection after the frames queued so far."""
+        self._write()
+        self.transport.close()
+
+    def _write(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
 
     # Frames
 
@@ -344,7 +360,7 @@ class H2Connection(asyncio.Protocol):
         flight end here too (their apps see `http.disconnect`)."""
         self.closing = True
         self._drop_streams()
-        self.transport.close()
+        self._close()
 
     def _push_blocked(self) -> None:
         for stream in list(self.blocked):
@@ -380,7 +396,7 @@ class H2Connection(asyncio.Protocol):
     def _after_stream(self) -> None:
         if not self.streams:
             if self.closing:
-                self.transport.close()
+                self._close()
             else:
                 self.deadline = self.state.clock + self.state.timeout_keep_alive
 
@@ -397,7 +413,7 @@ class H2Connection(asyncio.Protocol):
             self.h2.close_connection(exc.error_code if code is None else code)
         self.flush(True)
         self._drop_streams()
-        self.transport.close()
+        self._close()
 
     def _calm(self, what: str) -> None:
         """The client asks too much of the server: GOAWAY ENHANCE_YOUR_CALM, then close."""
@@ -439,7 +455,7 @@ class H2Connection(asyncio.Protocol):
         for session in self._sessions():
             session.shutdown()
         if not self.streams:
-            self.transport.close()
+            self._close()
 
 
 _HANDLERS: dict[type, Any] = {
