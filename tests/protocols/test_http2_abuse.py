@@ -18,6 +18,7 @@ from hyperframe.frame import (
     Frame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -291,4 +292,28 @@ def test_data_after_end_stream_is_a_stream_error(serve_one, count) -> None:
         else:
             assert not peer.read_until(lambda frames: any(f[0] == GOAWAY for f in frames), 0.3)
         _still_serving(srv)
+        _no_traceback(srv)
+
+
+def test_preface_without_a_request_times_out(serve_one) -> None:
+    """The header timeout covers the preface and the first request: a client that only sends
+    its preface and SETTINGS gets GOAWAY NO_ERROR, then the close."""
+    with serve_one(echo, timeout_request_header=1) as srv:
+        peer = _peer(srv)
+        started = time.monotonic()
+        assert peer.goaway() == ErrorCodes.NO_ERROR
+        assert peer.closed
+        assert time.monotonic() - started < 4
+
+
+def test_priority_frames_are_accepted_and_ignored(serve_one) -> None:
+    with serve_one(echo) as srv:
+        peer = _peer(srv)
+        priority = [PriorityFrame(n, depends_on=0, stream_weight=16) for n in (1, 3, 5, 7)]
+        peer.send(*priority, peer.headers(1, REQUEST))
+        # The response ends its stream (END_STREAM on HEADERS or DATA), nothing is reset.
+        assert peer.read_until(
+            lambda fs: any(f[2] == 1 and f[0] in (0, 1) and f[1] & 1 for f in fs)
+        )
+        assert not any(f[0] in (GOAWAY, RST_STREAM) for f in peer.frames)
         _no_traceback(srv)
