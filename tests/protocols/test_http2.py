@@ -390,3 +390,24 @@ def test_response_fields_http2_forbids_are_fixed_or_dropped(serve_one) -> None:
     assert b"te" not in fields and b"keep-alive" not in fields
     assert response.informational[0][1] == (b"link", b"</a.css>; rel=preload")
     assert response.trailers == [(b"x-t", b"t")]
+
+
+def test_limit_concurrency_counts_streams(serve_one) -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/wait":
+            await asyncio.wait_for(release.wait(), 5)
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    with serve_one(app, limit_concurrency=1) as srv:
+        client = connect(srv.port)
+        waiting = client.request("/wait")
+        busy = client.get("/now")
+        loop = srv.server.state.loop
+        loop.call_soon_threadsafe(release.set)
+        assert client.response(waiting).body == b"done"
+        after = client.get("/now")
+    assert busy.status == 503
+    assert after.status == 200
