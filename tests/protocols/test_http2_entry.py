@@ -115,6 +115,7 @@ def test_upgrade_h2c_answers_on_stream_1(serve, body) -> None:
     [
         _upgrade_request(settings=b"!!!not base64"),
         _upgrade_request(settings=b"AAMA"),  # not a whole setting
+        _upgrade_request(settings=base64.urlsafe_b64encode(b"\x00\x02\x00\x00\x00\x02")),  # push=2
         _upgrade_request(b"x" * 70_000),  # a body too large to read first
         b"GET / HTTP/1.1\r\nhost: t\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n",  # no settings
     ],

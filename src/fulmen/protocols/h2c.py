@@ -53,9 +53,21 @@ def upgrade_settings(
         payload = base64.urlsafe_b64decode(value)
     except (binascii.Error, ValueError):
         return None
-    if len(payload) % 6:  # settings are 6 bytes each (RFC 9113 §6.5.1)
-        return None
+    if len(payload) % 6 or not all(_valid(payload[i : i + 6]) for i in range(0, len(payload), 6)):
+        return None  # settings are 6 bytes each (RFC 9113 §6.5.1), with values in range
     return value
+
+
+def _valid(setting: bytes) -> bool:
+    """RFC 9113 §6.5.2 and RFC 8441 §3: the values a SETTINGS parameter may take."""
+    code, value = int.from_bytes(setting[:2], "big"), int.from_bytes(setting[2:], "big")
+    if code in (0x2, 0x8):  # ENABLE_PUSH, ENABLE_CONNECT_PROTOCOL
+        return value <= 1
+    if code == 0x4:  # INITIAL_WINDOW_SIZE
+        return value <= 2**31 - 1
+    if code == 0x5:  # MAX_FRAME_SIZE
+        return 2**14 <= value <= 2**24 - 1
+    return True
 
 
 class Upgrade:

@@ -127,7 +127,11 @@ class H2Connection(asyncio.Protocol):
         if upgrade is None:
             h2.initiate_connection()
         else:
-            h2.initiate_upgrade_connection(upgrade.settings)
+            try:  # `h2c.upgrade_settings` has checked them: this is a safety net
+                h2.initiate_upgrade_connection(upgrade.settings)
+            except ProtocolError as exc:  # pragma: no cover
+                self._connection_error(exc)
+                return
         extra = state.h2_max_streams * STREAM_WINDOW - 65535
         if extra > 0:
             h2.increment_flow_control_window(extra)
