@@ -35,6 +35,18 @@ class Response:
         return dict(self.headers)
 
 
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole frames at the start of `data` (9-byte header, then the payload), and the rest."""
+    frames = []
+    while len(data) >= 9:
+        end = 9 + int.from_bytes(data[:3], "big")
+        if len(data) < end:
+            break
+        frames.append(data[:end])
+        data = data[end:]
+    return frames, data
+
+
 @dataclass
 class GoAway:
     last_stream_id: int
@@ -139,12 +151,8 @@ class H2Client:
         if not data:
             self.closed = True
             return False
-        self.buffer += data
-        while len(self.buffer) >= 9:
-            end = 9 + int.from_bytes(self.buffer[:3], "big")
-            if len(self.buffer) < end:
-                break
-            frame, self.buffer = self.buffer[:end], self.buffer[end:]
+        frames, self.buffer = split_frames(self.buffer + data)
+        for frame in frames:
             if not self._frame(frame):
                 self.closed = True
                 return False

@@ -25,7 +25,7 @@ from hyperframe.frame import (
 )
 
 from tests.conftest import TIMEOUT
-from tests.protocols.h2client import connect
+from tests.protocols.h2client import connect, split_frames
 from tests.protocols.test_http2 import echo
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,12 +76,8 @@ class RawPeer:
                 data = b""
             if not data:
                 self.closed = True
-            self.buffer += data
-            while len(self.buffer) >= 9:
-                end = 9 + int.from_bytes(self.buffer[:3], "big")
-                if len(self.buffer) < end:
-                    break
-                head, self.buffer = self.buffer[:end], self.buffer[end:]
+            frames, self.buffer = split_frames(self.buffer + data)
+            for head in frames:
                 stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
                 self.frames.append((head[3], head[4], stream_id, head[9:]))
         return bool(predicate(self.frames))
