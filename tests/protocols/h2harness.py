@@ -182,6 +182,9 @@ class H2RecordingFramer(RecordingFramer):
         if self.inside:
             return False
         self.opened()
+        # What the server wrote before this (it writes once per loop iteration) is on the
+        # wire before the client's frames, as over a socket.
+        self.link.conn.flush(True)
         self.inside = True
         try:
             return self.link.send(frames)
@@ -196,6 +199,7 @@ class H2RecordingFramer(RecordingFramer):
 
     def client_resets(self) -> bool:
         """The client leaves: RST_STREAM CANCEL. The server must send nothing more on stream 1."""
+        self.link.conn.flush(True)  # what the server wrote before (see `client_sends`)
         offset, at = len(self.link.transport.written), len(self.calls)
         sent = self.client_sends(lambda client: client.reset_stream(STREAM, ErrorCodes.CANCEL))
         if sent and self.reset_at is None:

@@ -230,7 +230,8 @@ class H2Connection(asyncio.Protocol):
             return
         self._serve(stream_id, request, event.stream_ended is not None)
 
-    def _serve(self, stream_id: int, request: Request, ended: bool) -> H2Stream:
+    def _serve(self, stream_id: int, request: Request, ended: bool, body: bytes = b"") -> H2Stream:
+        """Start the app for a request; `body`: all of it, read already (h2c upgrade)."""
         state = self.state
         raw_path, _, query = request.path.partition(b"?")
         extensions: dict[str, Any] = {"http.response.early_hint": _EARLY_HINT}
@@ -263,6 +264,8 @@ class H2Connection(asyncio.Protocol):
         else:
             cycle = RequestCycle(state, stream, scope, not ended, request.expect and not ended)
             stream.cycle = cycle
+            if body:  # before the app's first step, which may run at once (eager tasks)
+                cycle.on_body(body)
             coro = cycle.run(state.app)
         limit = state.limit_concurrency
         if limit and len(state.tasks) >= limit:
@@ -278,10 +281,7 @@ class H2Connection(asyncio.Protocol):
     def _upgraded(self, upgrade: Upgrade) -> None:
         """Answer the HTTP/1.1 request that asked for h2c on stream 1, its body already read."""
         request = from_http1(upgrade.method, upgrade.target, upgrade.headers)
-        stream = self._serve(1, request, True)
-        cycle = stream.cycle
-        if cycle is not None and upgrade.body:
-            cycle.on_body(upgrade.body)
+        self._serve(1, request, True, upgrade.body)
         self.flush()
 
     def _data(self, event: DataReceived) -> None:
