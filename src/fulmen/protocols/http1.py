@@ -203,6 +203,9 @@ class H1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
+        # Python 3.10's TLS transport warns when it is collected unclosed, even after the peer
+        # closed it; closing a lost transport does nothing else.
+        self.transport.close()
         self.flow.release()
         for cycle in (self.cycle, self.parsing, self.next, *(self.pipeline or ())):
             if cycle is not None:

@@ -167,6 +167,9 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
+        # Python 3.10's TLS transport warns when it is collected unclosed, even after the peer
+        # closed it; closing a lost transport does nothing else.
+        self.transport.close()
         self._drop_streams()
 
     def _drop_streams(self) -> None:

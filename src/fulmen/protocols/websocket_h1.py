@@ -137,6 +137,9 @@ class H1WebSocket(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        # Python 3.10's TLS transport warns when it is collected unclosed, even after the peer
+        # closed it; closing a lost transport does nothing else.
+        self.transport.close()
         self.flow.release()
         session = self.session
         self.session = None  # the session and this driver refer to each other
