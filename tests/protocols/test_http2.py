@@ -170,6 +170,20 @@ def test_data_frames_fit_the_peer_frame_size(serve_one) -> None:
             (b":method", b"GET"),
             (b":scheme", b"http"),
             (b":path", b"/"),
+            (b"host", b"a"),
+            (b"host", b"a"),
+        ],
+        [(b":method", b"CONNECT"), (b":authority", b"a:443"), (b":path", b"/")],
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+        ],
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
             (b":authority", b"a"),
             (b"host", b"b"),
         ],
@@ -411,3 +425,64 @@ def test_limit_concurrency_counts_streams(serve_one) -> None:
         after = client.get("/now")
     assert busy.status == 503
     assert after.status == 200
+
+
+def test_plain_connect_expect_continue_and_own_server_header(serve_one) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["method"], scope["path"]))
+        message = await receive()  # asks for the body: 100 Continue first
+        headers = [(b"server", b"mine")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": message.get("body", b"")})
+
+    with serve_one(app) as srv:
+        client = connect(srv.port)
+        tunnel = client.conn.get_next_available_stream_id()
+        client.send_headers(tunnel, [(b":method", b"CONNECT"), (b":authority", b"a:443")], True)
+        connected = client.response(tunnel)
+        stream = client.request(
+            "/c", method="POST", headers=[(b"expect", b"100-continue")], end=False
+        )
+        assert client.until(lambda: bool(client.responses[stream].informational))
+        client.send_body(stream, b"after 100")
+        continued = client.response(stream)
+    assert seen == [("CONNECT", ""), ("POST", "/c")]
+    assert connected.fields[b"server"] == b"mine"
+    assert continued.informational == [[(b":status", b"100")]]
+    assert continued.body == b"after 100"
+
+
+def test_forbidden_trailer_resets_the_stream(serve_one) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.body", "body": b"data"})
+        await send({"type": "http.response.trailers", "headers": [(b"content-length", b"4")]})
+
+    with serve_one(app) as srv:
+        client = connect(srv.port)
+        response = client.get(headers=[(b"te", b"trailers")])
+        assert client.get(headers=[(b"te", b"trailers")]).reset is not None  # and again
+    assert response.body == b"data"
+    assert response.reset == h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+def test_padded_data_is_credited(serve_one) -> None:
+    """Padding counts against flow control and never reaches the app: 200 KB in padded
+    frames, through 64 KiB windows."""
+    with serve_one(echo) as srv:
+        client = connect(srv.port)
+        stream = client.request("/", method="POST", end=False)
+        sent = b""
+        for n in range(100):
+            chunk = bytes([n]) * 2000
+            while client.conn.local_flow_control_window(stream) < 2256:  # 1 + 255 + 2000
+                assert client.read_once(), "no window credit came back"
+            client.conn.send_data(stream, chunk, pad_length=255)
+            client.flush()
+            sent += chunk
+        client.conn.end_stream(stream)
+        client.flush()
+        response = client.response(stream)
+    assert response.body == sent
