@@ -234,14 +234,22 @@ def test_no_data_frames_for_head_204_304(serve_one, method, status) -> None:
     assert not any(isinstance(e, h2.events.DataReceived) for e in client.events)
 
 
-def test_trailers_and_early_hints(serve_one) -> None:
+def trailing(trailers: list[tuple[bytes, bytes]], hints: tuple[bytes, ...] = ()) -> Any:
+    """An app answering `data` with these trailers, after these early hints."""
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
         assert "http.response.trailers" in scope["extensions"]
-        await send({"type": "http.response.early_hint", "links": [b"</a.css>; rel=preload"]})
+        if hints:
+            await send({"type": "http.response.early_hint", "links": list(hints)})
         await send({"type": "http.response.start", "status": 200, "trailers": True})
         await send({"type": "http.response.body", "body": b"data"})
-        await send({"type": "http.response.trailers", "headers": [(b"x-sum", b"42")]})
+        await send({"type": "http.response.trailers", "headers": trailers})
 
+    return app
+
+
+def test_trailers_and_early_hints(serve_one) -> None:
+    app = trailing([(b"x-sum", b"42")], (b"</a.css>; rel=preload",))
     with serve_one(app) as srv:
         client = connect(srv.port)
         response = client.get(headers=[(b"te", b"trailers")])
@@ -455,12 +463,7 @@ def test_plain_connect_expect_continue_and_own_server_header(serve_one) -> None:
 
 
 def test_forbidden_trailer_resets_the_stream(serve_one) -> None:
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "trailers": True})
-        await send({"type": "http.response.body", "body": b"data"})
-        await send({"type": "http.response.trailers", "headers": [(b"content-length", b"4")]})
-
-    with serve_one(app) as srv:
+    with serve_one(trailing([(b"content-length", b"4")])) as srv:
         client = connect(srv.port)
         response = client.get(headers=[(b"te", b"trailers")])
         assert client.get(headers=[(b"te", b"trailers")]).reset is not None  # and again

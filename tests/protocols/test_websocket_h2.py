@@ -110,6 +110,18 @@ def test_echo_and_client_close(serve_ws) -> None:
     assert any('"WebSocket /ws" [accepted]' in m for m in srv.messages())
 
 
+def test_request_body_limit_is_not_applied_to_messages(serve_ws) -> None:
+    with serve_ws(ws_echo, limit_request_body=10) as srv:
+        client = connect(srv.port)
+        ws = WSClient(client, headers=[(b"sec-websocket-version", b"13")])
+        assert ws.opened()
+        ws.send("m" * 5000)
+        assert ws.next().payload == "m" * 5000
+        ws.close(1000)
+        assert ws.next().opcode is Opcode.CLOSE
+        assert client.until(lambda: ws.response.ended)
+
+
 def test_server_close_ends_the_stream(serve_ws) -> None:
     with serve_ws(ws_echo) as srv:
         client = connect(srv.port)

@@ -321,5 +321,9 @@ def access_fields(scope: dict[str, Any]) -> tuple[str, str]:
     path = scope["path"]
     if scope["query_string"]:
         path = f"{path}?{scope['query_string'].decode('latin-1')}"
-    client = scope["client"]
-    return (f"{client[0]}:{client[1]}" if client else "-"), wire.escape(path)
+    return client_text(scope["client"]), wire.escape(path)
+
+
+def client_text(client: tuple[str, int] | None) -> str:
+    """`host:port` of a client in log lines, `-` when unknown (a Unix socket)."""
+    return f"{client[0]}:{client[1]}" if client else "-"

@@ -35,7 +35,7 @@ from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from fulmen.protocols.cycle import RequestCycle
+from fulmen.protocols.cycle import START, RequestCycle, client_text
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.h2fields import Malformed, Request, from_http1, parse_request
 from fulmen.protocols.h2stream import H2Stream
@@ -302,19 +302,26 @@ class H2Connection(asyncio.Protocol):
                 return
         limit = self.state.limit_request_body
         cycle = stream.cycle
-        if limit is not None and cycle is not None and cycle.body_received + len(data) > limit:
+        if (
+            limit is not None
+            and stream.tunnel is None  # a WebSocket's frames are no request body
+            and cycle is not None
+            and cycle.body_received + len(data) > limit
+        ):
             self._too_large(stream, cycle, length)
             return
         stream.on_data(data, length)
 
     def _too_large(self, stream: H2Stream, cycle: RequestCycle, length: int) -> None:
-        """A body over --limit-request-body: 413 if the app has not answered yet, then the
-        stream ends (RST_STREAM, so the client stops sending)."""
+        """A body over --limit-request-body: 413 if the app has not answered yet (the stream is
+        then done: RST_STREAM NO_ERROR stops the client), else RST_STREAM CANCEL. The app
+        sees `http.disconnect` either way."""
         self.h2.acknowledge_received_data(length, stream.stream_id)
-        if cycle.phase.name == "START":
+        if cycle.phase is START:
             cycle.reject(413, b"Request Entity Too Large")
         cycle.on_disconnect()
-        self.reset_stream(stream, ErrorCodes.CANCEL)
+        if stream.stream_id in self.streams:
+            self.reset_stream(stream, ErrorCodes.CANCEL)
 
     def _ended(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
@@ -322,10 +329,9 @@ class H2Connection(asyncio.Protocol):
             stream.on_end()
 
     def _reset(self, event: StreamReset) -> None:
-        stream = self.streams.pop(event.stream_id, None)
-        if stream is None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or not self._forget(stream):
             return
-        self.blocked.discard(stream)
         task = stream.cycle.task if stream.cycle is not None else None
         stream.on_reset()
         if task is not None and not task.done():
@@ -377,8 +383,7 @@ class H2Connection(asyncio.Protocol):
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
         """End one stream with RST_STREAM `code`; the others go on."""
-        self.streams.pop(stream.stream_id, None)
-        self.blocked.discard(stream)
+        self._forget(stream)
         self._rst(stream.stream_id, code)
         stream.on_reset()
         self.flush()
@@ -387,14 +392,20 @@ class H2Connection(asyncio.Protocol):
     def stream_done(self, stream: H2Stream) -> None:
         """The response on `stream` is sent whole. A request body still arriving is not
         wanted: RST_STREAM NO_ERROR tells the client to stop (RFC 9113 §8.1)."""
-        if self.streams.pop(stream.stream_id, None) is None:
+        if not self._forget(stream):
             return
-        self.blocked.discard(stream)
         if not stream.remote_ended:
             self._rst(stream.stream_id, _NO_ERROR)
             stream.on_reset()
             self.flush()
         self._after_stream()
+
+    def _forget(self, stream: H2Stream) -> bool:
+        """Drop `stream` from the connection's books; whether it was there."""
+        if self.streams.pop(stream.stream_id, None) is None:
+            return False
+        self.blocked.discard(stream)
+        return True
 
     def _rst(self, stream_id: int, code: ErrorCodes) -> None:
         with contextlib.suppress(StreamClosedError):  # closed by the client meanwhile
@@ -426,7 +437,7 @@ class H2Connection(asyncio.Protocol):
         """The client asks too much of the server: GOAWAY ENHANCE_YOUR_CALM, then close."""
         logger.warning(
             "HTTP/2 client %s sent too many %s: connection closed",
-            _peer(self.endpoints[0]),
+            client_text(self.endpoints[0]),
             what,
         )
         self._connection_error(ProtocolError(what), _CALM)
@@ -487,7 +498,3 @@ def take_over(
     protocol.connection_made(transport)
     if data and not transport.is_closing():
         protocol.data_received(data)
-
-
-def _peer(client: tuple[str, int] | None) -> str:
-    return f"{client[0]}:{client[1]}" if client else "-"

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import dispatch
+from fulmen.protocols.scope import socket_address
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -87,7 +88,7 @@ class ProxiedTransport(asyncio.Transport):
 
 def peer_address(peer: Any) -> tuple[str, int] | None:
     """The balancer's address as `ProxyHeaders.trusts` takes it: None for a Unix socket peer."""
-    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+    return socket_address(peer)
 
 
 def parse(data: bytes) -> tuple[Peer, int] | None:

@@ -23,7 +23,8 @@ _METHODS_MAX = 64
 Endpoints = tuple[tuple[str, int] | None, tuple[str, int] | None, str]
 
 
-def _address(info: object) -> tuple[str, int] | None:
+def socket_address(info: object) -> tuple[str, int] | None:
+    """(host, port) of a socket address (`peername`, `sockname`); None for a Unix socket."""
     if isinstance(info, tuple) and len(info) >= 2:
         return (str(info[0]), int(info[1]))
     return None
@@ -32,8 +33,8 @@ def _address(info: object) -> tuple[str, int] | None:
 def endpoints(transport: asyncio.BaseTransport) -> Endpoints:
     """(client, server, scheme) of a connection, as the scope reports them."""
     return (
-        _address(transport.get_extra_info("peername")),
-        _address(transport.get_extra_info("sockname")),
+        socket_address(transport.get_extra_info("peername")),
+        socket_address(transport.get_extra_info("sockname")),
         "https" if transport.get_extra_info("sslcontext") else "http",
     )
 
