@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import ssl
 from collections.abc import Callable
@@ -31,11 +30,6 @@ LIFESPAN_CHOICES = ("auto", "on", "off")
 INTERFACE_CHOICES = ("auto", "asgi3", "asgi2", "wsgi", "consumer")
 LOG_LEVEL_CHOICES = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
-
-
-def http2_available() -> bool:
-    """Whether the h2 library (HTTP/2) is installed."""
-    return importlib.util.find_spec("h2") is not None
 
 
 @dataclass(kw_only=True)
@@ -84,10 +78,9 @@ class Config:
     )
     loop: str = option("auto", "Event loop implementation.", choices=LOOP_CHOICES)
     http: str = option("auto", "HTTP/1.1 parser implementation.", choices=HTTP_CHOICES)
-    http2: bool | None = option(
-        None,
-        "Serve HTTP/2: ALPN h2 over TLS, h2c with prior knowledge or Upgrade on plain HTTP. "
-        "Default: on when the h2 library is installed (fulmen[http2]).",
+    http2: bool = option(
+        True,
+        "Serve HTTP/2: ALPN h2 over TLS, h2c with prior knowledge or Upgrade on plain HTTP.",
         flag="--http2/--no-http2",
     )
     h2_max_concurrent_streams: int = option(
@@ -274,8 +267,6 @@ class Config:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, not {self.port}")
         engine_name(self.ws)  # an engine asked for by name must be installed
-        if self.http2 and not http2_available():
-            raise ValueError("--http2 needs the h2 library installed: pip install fulmen[http2]")
         if self.h2_max_concurrent_streams < 1:
             raise ValueError("h2_max_concurrent_streams must be at least 1")
         if self.ws_max_size < 1 or self.ws_max_queue < 1:
@@ -331,8 +322,8 @@ class Config:
 
     @property
     def use_http2(self) -> bool:
-        """`http2` resolved: on unless turned off, when h2 is installed."""
-        return self.http2 is not False and http2_available()
+        """Whether HTTP/2 is served (`--http2`, on by default; it needs no extra library)."""
+        return self.http2
 
     @property
     def trusted_hosts(self) -> list[str]:

@@ -63,11 +63,17 @@ class Link:
 
     def open(self, scope: dict[str, Any], cycle: RequestCycle, ended: bool) -> H2Stream:
         """The client's request on stream 1, with END_STREAM if `ended`, taken in by the server's
-        h2 state alone (no app starts); then its stream, wired as `H2Connection._serve` does."""
+        connection with no app started; then its stream, wired as `H2Connection._serve` does."""
         self.client.send_headers(STREAM, REQUEST, end_stream=ended)
         self.request_ended = ended
-        self.conn.h2.receive_data(self.client.data_to_send())
-        self.conn.flush()
+        served: list[int] = []
+        self.conn._serve = lambda stream_id, *_: served.append(stream_id)  # type: ignore[method-assign]
+        try:
+            self.conn.data_received(self.client.data_to_send())
+        finally:
+            del self.conn._serve
+        assert served == [STREAM]
+        self.conn.flush(True)
         stream = H2Stream(self.conn, STREAM, scope, ended)
         stream.cycle = cycle
         self.conn.streams[STREAM] = stream

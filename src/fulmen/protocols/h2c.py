@@ -58,6 +58,16 @@ def upgrade_settings(
     return value
 
 
+def settings_pairs(value: bytes) -> list[tuple[int, int]]:
+    """The (parameter, value) pairs of an HTTP2-Settings value that `upgrade_settings`
+    accepted."""
+    payload = base64.urlsafe_b64decode(value)
+    return [
+        (int.from_bytes(payload[i : i + 2], "big"), int.from_bytes(payload[i + 2 : i + 6], "big"))
+        for i in range(0, len(payload), 6)
+    ]
+
+
 def _valid(setting: bytes) -> bool:
     """RFC 9113 §6.5.2 and RFC 8441 §3: the values a SETTINGS parameter may take."""
     code, value = int.from_bytes(setting[:2], "big"), int.from_bytes(setting[2:], "big")

@@ -1,9 +1,8 @@
 """HTTP/2 header blocks (RFC 9113 §8.2, §8.3): a request's pseudo-header and field rules, and
 a response's fields as the application sent them.
 
-h2's own inbound validation is off: it treats every malformed request as a connection error,
-where RFC 9113 §8.1.1 asks for a stream error. Here a malformed request raises `Malformed`,
-which resets only its stream (PROTOCOL_ERROR). h2 still joins the `cookie` crumbs (§8.2.3).
+A malformed request raises `Malformed`, which resets only its stream (PROTOCOL_ERROR, RFC 9113
+§8.1.1): it is a stream error, not a connection error.
 """
 
 from __future__ import annotations
@@ -79,6 +78,7 @@ def parse_request(block: Iterable[tuple[bytes, bytes]], connect_protocol: bool) 
     request = Request()
     headers = request.headers
     host: bytes | None = None
+    cookie: int | None = None  # where the cookie field is
     seen: set[bytes] = set()
     for name, value in block:
         if _BAD_VALUE.search(value) is not None:
@@ -99,6 +99,12 @@ def parse_request(block: Iterable[tuple[bytes, bytes]], connect_protocol: bool) 
             host = value
         elif name == b"te":
             request.te_trailers = True
+        elif name == b"cookie":
+            # §8.2.3: crumbs sent as separate fields are one field for the application.
+            if cookie is not None:
+                headers[cookie] = (name, headers[cookie][1] + b"; " + value)
+                continue
+            cookie = len(headers)
         else:
             _note(request, name, value)
         headers.append((name, value))

@@ -1,7 +1,7 @@
 """One HTTP/2 stream (RFC 9113 §5): the `Framer` and the `Flow` of the request it carries.
 
 The request cycle calls the framer as for any protocol; here each call becomes HEADERS and DATA
-frames on this stream, through the connection's h2 state machine. Flow control both ways:
+frames on this stream, queued on its connection, which writes them. Flow control both ways:
 
 - Sending: DATA goes out as far as the stream's and the connection's send windows allow, in
   frames no larger than the peer's SETTINGS_MAX_FRAME_SIZE. The rest waits here, `write_paused`
@@ -16,20 +16,13 @@ A failure resets this stream alone (RST_STREAM); the connection goes on.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable
-from typing import Any, ParamSpec, Protocol
-
-from h2.connection import H2Connection as H2State
-from h2.errors import ErrorCodes
-from h2.exceptions import StreamClosedError
+from typing import Any, Protocol
 
 from fulmen.protocols.cycle import Headers, RequestCycle
 from fulmen.protocols.flow import wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
+from fulmen.protocols.h2frames import DATA, END_STREAM, ErrorCode, frame
 from fulmen.state import ServerState
-
-P = ParamSpec("P")
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 
@@ -38,36 +31,25 @@ class Connection(Protocol):
     """What a stream needs of its HTTP/2 connection (`fulmen.protocols.http2.H2Connection`)."""
 
     state: ServerState
-
-    @property
-    def h2(self) -> H2State:
-        """The connection's h2 state machine."""
-
+    out: list[bytes]  # frames to write
     write_paused: bool  # the socket's write buffer is full
     blocked: set[H2Stream]  # streams whose body waits for send window
+    send_window: int  # the connection's
+    initial_window: int  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+    frame_size: int  # the peer's SETTINGS_MAX_FRAME_SIZE
 
     def flush(self, now: bool = False) -> None:
-        """Write the frames h2 has queued (unless handling received frames: then after)."""
+        """Write the queued frames (unless handling received frames: then after)."""
 
-    def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None: ...
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        """Queue a header block."""
+
+    def give_credit(self, stream: H2Stream | None, size: int) -> None:
+        """Received bytes taken: window credit for the connection and `stream`."""
+
+    def reset_stream(self, stream: H2Stream, code: ErrorCode) -> None: ...
 
     def stream_done(self, stream: H2Stream) -> None: ...
-
-
-def _gone_is_reset(method: Callable[P, None]) -> Callable[P, None]:
-    """A Framer method of a stream h2 has closed already (the client's RST_STREAM came in the
-    same read, and is handled after this): the stream is reset, the call sends nothing."""
-
-    @functools.wraps(method)
-    def call(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            method(*args, **kwargs)
-        except StreamClosedError:
-            stream = args[0]
-            assert isinstance(stream, H2Stream)
-            stream.on_reset()
-
-    return call
 
 
 class Tunnel(Protocol):
@@ -86,16 +68,19 @@ class H2Stream:
 
     __slots__ = (
         "conn",
+        "credit",
         "cycle",
         "done",
         "no_body",
         "pending",
         "pending_end",
         "read_paused",
+        "recv_window",
         "remaining",
         "remote_ended",
         "reset",
         "scope",
+        "send_window",
         "stream_id",
         "trailers",
         "tunnel",
@@ -117,7 +102,10 @@ class H2Stream:
         self.pending: bytes | None = None  # body bytes waiting for send window
         self.pending_end = False  # the stream ends after `pending`
         self.trailers: list[tuple[bytes, bytes]] | None = None  # to send after `pending`
-        self.unacked = 0  # request body bytes received and not yet credited back
+        self.send_window = conn.initial_window
+        self.recv_window = 65535  # what the client may still send (our initial window)
+        self.credit = 0  # request body bytes taken and not yet credited back
+        self.unacked = 0  # request body bytes received and not yet taken by the app
         self.tunnel: Tunnel | None = None  # a WebSocket, which takes the DATA frames
         self.read_paused = False
         self.write_paused = conn.write_paused
@@ -125,7 +113,6 @@ class H2Stream:
 
     # Framer
 
-    @_gone_is_reset
     def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
         block, length = response_fields(status, headers, self.conn.state.default_fields)
         self.no_body = no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUSES
@@ -135,16 +122,16 @@ class H2Stream:
                 self._count(body, more_body)
         elif not more_body and not no_body:
             block.append((b"content-length", b"%d" % len(body)))
+        if self.reset:
+            return
         end = no_body or (not more_body and not body)
-        if not self.reset:
-            self.conn.h2.send_headers(self.stream_id, block, end_stream=end)
-            if end:
-                self._ended()
-            else:
-                self._data(body, not more_body)
+        self.conn.send_headers(self.stream_id, block, end)
+        if end:
+            self._ended()
+        else:
+            self._data(body, not more_body)
         self.conn.flush()
 
-    @_gone_is_reset
     def send_body(self, body: bytes, more_body: bool) -> None:
         if self.no_body or self.reset:
             return
@@ -163,13 +150,11 @@ class H2Stream:
             raise RuntimeError("Response content shorter than Content-Length")
         self.remaining = remaining
 
-    @_gone_is_reset
     def send_interim(self, status: int, headers: Headers = ()) -> None:
         if not self.reset:
-            self.conn.h2.send_headers(self.stream_id, interim_fields(status, headers))
+            self.conn.send_headers(self.stream_id, interim_fields(status, headers), False)
             self.conn.flush()
 
-    @_gone_is_reset
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         block = trailer_fields(headers)
         if self.remaining:
@@ -179,20 +164,18 @@ class H2Stream:
         if self.pending is not None:
             self.trailers = block  # after the body still waiting for window
             return
-        self.conn.h2.send_headers(self.stream_id, block, end_stream=True)
+        self.conn.send_headers(self.stream_id, block, True)
         self._ended()
         self.conn.flush()
 
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.send_head(status, headers, body, False)
 
-    @_gone_is_reset
     def consumed(self, size: int) -> None:
-        """Credit `size` body bytes back to the peer (WINDOW_UPDATE, batched by h2)."""
+        """Credit `size` body bytes back to the peer (WINDOW_UPDATE, in steps)."""
         self.unacked -= size
         if size and not self.reset:
-            self.conn.h2.acknowledge_received_data(size, self.stream_id)
-            self.conn.flush()
+            self.conn.give_credit(self, size)
 
     @property
     def flow(self) -> H2Stream:
@@ -201,7 +184,7 @@ class H2Stream:
     def abort(self) -> None:
         """RST_STREAM INTERNAL_ERROR: the peer sees this response broken, the others go on."""
         if not self.reset:
-            self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
+            self.conn.reset_stream(self, ErrorCode.INTERNAL_ERROR)
 
     def complete(self) -> None:
         """The cycle is done with the response (its last frame may still wait for window)."""
@@ -218,8 +201,8 @@ class H2Stream:
         """A tunnel's reader has room again: credit back what it held."""
         self.read_paused = False
         if self.tunnel is not None and self.unacked and not self.reset:
-            self.release_credit()
-            self.conn.flush()
+            unacked, self.unacked = self.unacked, 0
+            self.conn.give_credit(self, unacked)
 
     async def drain(self) -> None:
         if not self.write_paused:
@@ -248,40 +231,54 @@ class H2Stream:
         self.pending_end = end
         self.push()
 
-    @_gone_is_reset
     def push(self) -> None:
         """Send what the windows allow of `pending`: called on each new body and on each
         WINDOW_UPDATE or SETTINGS change while bytes wait."""
         data = self.pending
         if data is None or self.reset:
             return
-        h2 = self.conn.h2
+        conn = self.conn
         stream_id = self.stream_id
-        window = h2.local_flow_control_window(stream_id)
-        frame = h2.max_outbound_frame_size
         size = len(data)
-        sent = 0
-        while sent < size and window > 0:
-            chunk = min(size - sent, window, frame)
-            last = sent + chunk == size
-            h2.send_data(stream_id, data[sent : sent + chunk], self.pending_end and last)
-            sent += chunk
-            window -= chunk
+        end = self.pending_end
+        window = min(self.send_window, conn.send_window)
+        if not size or (size <= window and size <= conn.frame_size):  # one frame, or none
+            if size or end:  # (an empty frame needs no window)
+                conn.out.append(frame(DATA, END_STREAM if end else 0, stream_id, data))
+            sent = size
+        else:
+            sent = self._frames(data, window, end)
+        self.send_window -= sent
+        conn.send_window -= sent
         if sent < size:
             self.pending = data[sent:]
             self.write_paused = True
-            self.conn.blocked.add(self)
+            conn.blocked.add(self)
             return
         self.pending = None
-        if self.pending_end:
-            if not size:
-                h2.end_stream(stream_id)
+        if end:
             self._ended()
         elif self.trailers is not None:
-            h2.send_headers(stream_id, self.trailers, end_stream=True)
+            conn.send_headers(stream_id, self.trailers, True)
             self._ended()
-        self.conn.blocked.discard(self)
+        conn.blocked.discard(self)
         self.wake()
+
+    def _frames(self, data: bytes, window: int, end: bool) -> int:
+        """Queue DATA frames of `data` up to `window` bytes; how many bytes went."""
+        out = self.conn.out
+        max_size = self.conn.frame_size
+        size = len(data)
+        sent = 0
+        while sent < size and window > 0:
+            chunk = min(size - sent, window, max_size)
+            last = end and sent + chunk == size
+            out.append(
+                frame(DATA, END_STREAM if last else 0, self.stream_id, data[sent : sent + chunk])
+            )
+            sent += chunk
+            window -= chunk
+        return sent
 
     def _ended(self) -> None:
         """The last frame of the response is out: once the cycle is done too, so is the
@@ -293,21 +290,21 @@ class H2Stream:
     # Events from the connection
 
     def on_data(self, data: bytes, flow_controlled: int) -> None:
-        cycle = self.cycle
         padding = flow_controlled - len(data)
         if padding:  # never reaches the app: credit it back now
-            self.conn.h2.acknowledge_received_data(padding, self.stream_id)
+            self.conn.give_credit(self, padding)
         tunnel = self.tunnel
         if tunnel is not None:  # credited as it arrives, unless the reader is paused
             if self.read_paused:
                 self.unacked += len(data)
             elif data:
-                self.conn.h2.acknowledge_received_data(len(data), self.stream_id)
+                self.conn.give_credit(self, len(data))
             tunnel.on_data(data)
             return
+        cycle = self.cycle
         if cycle is None or self.reset:  # the response is complete: the body is not wanted
             if data:
-                self.conn.h2.acknowledge_received_data(len(data), self.stream_id)
+                self.conn.give_credit(self, len(data))
             return
         self.unacked += len(data)
         cycle.on_body(data)
@@ -325,8 +322,7 @@ class H2Stream:
         """Credit back the connection window for body bytes the app will never take."""
         if self.unacked:
             unacked, self.unacked = self.unacked, 0
-            # (For a stream h2 has closed, this credits the connection alone.)
-            self.conn.h2.acknowledge_received_data(unacked, self.stream_id)
+            self.conn.give_credit(None, unacked)
 
     def on_reset(self) -> None:
         """The stream is gone: the app sees `http.disconnect`, waiting sends go on."""

@@ -1,44 +1,50 @@
-"""The HTTP/2 connection (RFC 9113) over h2's state machine: frames in, one request cycle per
-stream out, each stream its own `Framer` (`fulmen.protocols.h2stream`).
+"""The HTTP/2 connection (RFC 9113): frames in, one request cycle per stream out, each stream
+its own `Framer` (`fulmen.protocols.h2stream`).
 
-`data_received -> h2.receive_data -> events -> streams -> RequestCycle.run (app) -> frames`.
-Frames written while events are being handled go out in one `transport.write`.
+`data_received -> FrameReader (h2frames) -> on_headers/on_data/... -> streams ->
+RequestCycle.run (app) -> frames`. Frames written while received frames are handled go out in
+one `transport.write`, and so do those of every stream that sends in one loop iteration.
 
-What is decided here, once per connection: the SETTINGS we offer, which streams are served,
-connection errors (GOAWAY, then close), the connection's receive window, graceful shutdown
-(GOAWAY with the last stream id, in-flight streams finish), the keep-alive and preface
-timeouts, and the bounds that keep a hostile client's cost bounded.
+What is decided here, once per connection: the SETTINGS we offer, which streams are served
+and the stream states of RFC 9113 §5.1 (a client's stream ids only ever grow; a stream not
+open below the highest is closed), connection errors (GOAWAY, then close), the connection's
+windows, graceful shutdown (GOAWAY with the last stream id, in-flight streams finish), the
+keep-alive and preface timeouts, and the bounds that keep a hostile client's cost bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any, cast
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState
-from h2.connection import H2Connection as H2State
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
-
 from fulmen.protocols.cycle import START, RequestCycle, client_text
-from fulmen.protocols.h2c import Upgrade
+from fulmen.protocols.h2c import Upgrade, settings_pairs
 from fulmen.protocols.h2fields import Malformed, Request, from_http1, parse_request
+from fulmen.protocols.h2frames import (
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_WINDOW,
+    ENABLE_CONNECT_PROTOCOL,
+    ENABLE_PUSH,
+    HEADER_TABLE_SIZE,
+    INITIAL_WINDOW_SIZE,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    MAX_WINDOW,
+    SETTINGS_ACK,
+    ConnectionFailure,
+    ErrorCode,
+    FrameReader,
+    goaway,
+    header_frames,
+    ping_ack,
+    rst_stream,
+    settings_frame,
+    window_update,
+)
 from fulmen.protocols.h2stream import H2Stream
+from fulmen.protocols.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
@@ -47,41 +53,24 @@ from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
 
-_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=False,  # `h2fields` does it, as stream errors
-    validate_outbound_headers=False,  # `h2fields` checks and lower-cases what the app sends
-    normalize_outbound_headers=False,
-)
-STREAM_WINDOW = 65535  # the initial receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE)
+STREAM_WINDOW = DEFAULT_WINDOW  # each stream's receive window (SETTINGS_INITIAL_WINDOW_SIZE)
 # Each stream's window fits in the connection's, so a stream whose app reads slowly holds back
-# only its own body.
+# only its own body. Credit goes back in WINDOW_UPDATE frames of at least half a stream window.
+CREDIT_STEP = STREAM_WINDOW // 2
 _EARLY_HINT: dict[str, object] = {}
-_NO_ERROR = ErrorCodes.NO_ERROR
-_CALM = ErrorCodes.ENHANCE_YOUR_CALM
 # Bounds on what a client may make the server do per second (per server tick), beyond which the
 # connection ends with GOAWAY ENHANCE_YOUR_CALM: streams it resets before their response is
 # complete (rapid reset, CVE-2023-44487), PING and SETTINGS frames (each needs an answer:
-# CVE-2019-9512, -9515), and empty DATA frames that end nothing (CVE-2019-9518).
+# CVE-2019-9512, -9515), empty DATA frames that end nothing (CVE-2019-9518), and DATA on closed
+# streams (each answered with RST_STREAM).
 RESETS_PER_TICK = 200
 CONTROL_PER_TICK = 1000
 EMPTY_DATA_PER_TICK = 1000
-# DATA on closed streams, which h2 answers with RST_STREAM each: checked inside h2's reading, so
-# that one large read cannot queue an answer per frame.
 CLOSED_DATA_PER_TICK = 100
-
-
-class _State(H2State):
-    """h2's connection, counting DATA frames on closed streams (h2 reports no event for them)."""
-
-    closed_data = 0
-
-    def _handle_data_on_closed_stream(self, *args: Any) -> Any:
-        self.closed_data += 1
-        if self.closed_data > CLOSED_DATA_PER_TICK:
-            raise DenialOfServiceError("too many DATA frames on closed streams")
-        return super()._handle_data_on_closed_stream(*args)
+# Decoded header blocks kept per connection, by their bytes, while the HPACK table holds still:
+# a client sends the same few blocks over and over.
+_CACHED_BLOCKS = 64
+_REMEMBERED_RESETS = 1024  # streams we reset, whose late frames are ignored (RFC 9113 §5.1)
 
 
 class H2Connection(asyncio.Protocol):
@@ -92,15 +81,28 @@ class H2Connection(asyncio.Protocol):
         self.upgrade = upgrade
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams with body bytes waiting for window
+        self.out: list[bytes] = []  # frames to write
         self.write_paused = False
-        self.batching = False  # handling received frames: write once, at the end
+        self.batching = False  # a write is due at the end of this loop iteration
         self.closing = False  # GOAWAY sent: no new streams
         self.failed = False  # a connection error: nothing more is read or sent
         self.deadline = 0.0
-        self.h2 = _State(_CONFIG)
+        self.highest = 0  # the highest stream id the client opened
+        self.reset_ids: dict[int, None] = {}  # streams we reset lately
+        self.reader = FrameReader(self, state.limits.head + DEFAULT_FRAME_SIZE)
+        self.decoder = Decoder(state.limits.head)
+        self.encoder = Encoder()
+        self.requests: dict[bytes, Request] = {}  # by header block, see _CACHED_BLOCKS
+        # Sending: the peer's settings and the connection's send window.
+        self.send_window = DEFAULT_WINDOW
+        self.initial_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self.frame_size = DEFAULT_FRAME_SIZE  # the peer's SETTINGS_MAX_FRAME_SIZE
+        # Receiving: the connection's window, and the credit not yet given back.
+        self.recv_window = max(state.h2_max_streams * STREAM_WINDOW, DEFAULT_WINDOW)
+        self.credit = 0
         # Apps still running for streams the client reset: they count against the stream limit.
         self.orphans = 0
-        self.resets = self.control = self.empty = 0  # per tick, see the bounds above
+        self.resets = self.control = self.empty = self.closed_data = 0  # per tick
 
     # asyncio.Protocol
 
@@ -110,63 +112,49 @@ class H2Connection(asyncio.Protocol):
         self.endpoints = client, _, _ = endpoints(transport)
         proxy = state.proxy_headers
         self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
-        h2 = self.h2
-        # Set before the preface (h2 sends these in its SETTINGS, and enforces them).
-        h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: state.h2_max_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: state.limits.head,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                SettingCodes.ENABLE_PUSH: 0,
-                # RFC 8441: extended CONNECT, for WebSockets over HTTP/2.
-                SettingCodes.ENABLE_CONNECT_PROTOCOL: int(state.ws_factory is not None),
-            },
+        out = self.out
+        out.append(
+            settings_frame(
+                {
+                    MAX_CONCURRENT_STREAMS: state.h2_max_streams,
+                    MAX_HEADER_LIST_SIZE: state.limits.head,
+                    INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                    ENABLE_PUSH: 0,
+                    # RFC 8441: extended CONNECT, for WebSockets over HTTP/2.
+                    ENABLE_CONNECT_PROTOCOL: int(state.ws_factory is not None),
+                }
+            )
         )
-        upgrade = self.upgrade
-        if upgrade is None:
-            h2.initiate_connection()
-        else:
-            try:  # `h2c.upgrade_settings` has checked them: this is a safety net
-                h2.initiate_upgrade_connection(upgrade.settings)
-            except ProtocolError as exc:  # pragma: no cover
-                self._connection_error(exc)
-                return
-        extra = state.h2_max_streams * STREAM_WINDOW - 65535
-        if extra > 0:
-            h2.increment_flow_control_window(extra)
+        if self.recv_window > DEFAULT_WINDOW:
+            out.append(window_update(0, self.recv_window - DEFAULT_WINDOW))
         # The preface (or the request on stream 1) must come within the header timeout.
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
-        self.flush()
+        upgrade = self.upgrade
         if upgrade is not None:
             self.upgrade = None
             self._upgraded(upgrade)
+        self._write()
         if state.shutting_down:
             self.shutdown()
 
     def data_received(self, data: bytes) -> None:
-        self.batching = True
-        try:
-            events = self.h2.receive_data(data)
-        except ProtocolError as exc:  # h2 has queued GOAWAY with the error code
-            self._connection_error(exc)
+        if self.failed:
             return
+        batching, self.batching = self.batching, True
         try:
-            for event in events:
-                handler = _HANDLERS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
-                    if self.failed:
-                        break
-        except ProtocolError as exc:  # h2 refused what a handler sent: end the connection
-            self._connection_error(exc)
+            self.reader.feed(data)
+        except ConnectionFailure as exc:
+            self._connection_error(exc.code, str(exc))
         finally:
-            self.batching = False
-            self._write()
+            self.batching = batching
+            if not batching:
+                self._write()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
+        self.failed = True
+        self.out.clear()
         # Python 3.10's TLS transport warns when it is collected unclosed, even after the peer
         # closed it; closing a lost transport does nothing else.
         self.transport.close()
@@ -190,8 +178,10 @@ class H2Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream.wake()
 
+    # Writing
+
     def flush(self, now: bool = False) -> None:
-        """Write the frames h2 has queued: `now`, or once per loop iteration, so that the
+        """Write the frames queued in `out`: `now`, or once per loop iteration, so that the
         frames of every stream that sent meanwhile go out in one `transport.write` (while
         received frames are handled, at their end)."""
         if now:
@@ -204,36 +194,96 @@ class H2Connection(asyncio.Protocol):
         self.batching = False
         self._write()
 
+    def _write(self) -> None:
+        out = self.out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
     def _close(self) -> None:
         """Close the connection after the frames queued so far."""
         self._write()
         self.transport.close()
 
-    def _write(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.transport.is_closing():
-            self.transport.write(data)
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        """Queue a header block on `stream_id` (HEADERS, and CONTINUATION if it is large)."""
+        self.out.append(header_frames(stream_id, self.encoder.encode(fields), end, self.frame_size))
 
-    # Frames
+    def give_credit(self, stream: H2Stream | None, size: int) -> None:
+        """`size` received bytes are taken (or will never be): WINDOW_UPDATE once enough has
+        gathered, on the connection and, if given and still open, on `stream`."""
+        credit = self.credit + size
+        if credit >= CREDIT_STEP:
+            self.out.append(window_update(0, credit))
+            self.recv_window += credit
+            credit = 0
+        self.credit = credit
+        if stream is not None and not stream.remote_ended and not stream.reset:
+            stream.credit += size
+            if stream.credit >= CREDIT_STEP:
+                self.out.append(window_update(stream.stream_id, stream.credit))
+                stream.recv_window += stream.credit
+                stream.credit = 0
+        self.flush()
 
-    def _request(self, event: RequestReceived) -> None:
-        stream_id = event.stream_id
+    # Frames (`fulmen.protocols.h2frames.Receiver`)
+
+    def on_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+        request = self.requests.get(block)
+        if request is None:
+            request = self._decode(block, stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # trailers, which ASGI has no place for: the request is whole
+            if stream.remote_ended or not end_stream:
+                self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, "HEADERS after the end")
+            else:
+                stream.on_end()
+            return
+        if stream_id <= self.highest:
+            if stream_id not in self.reset_ids:
+                raise ConnectionFailure(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
+            return
+        if not stream_id & 1:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
+        self.highest = stream_id
         if self.closing or len(self.streams) + self.orphans >= self.state.h2_max_streams:
             # After our GOAWAY, or while apps of reset streams still run: not processed, so
             # the client may retry it (RFC 9113 §8.7).
-            self._rst(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._rst(stream_id, ErrorCode.REFUSED_STREAM)
             self._count_reset()
             return
+        if request is None:
+            self._rst(stream_id, ErrorCode.PROTOCOL_ERROR)
+            return
+        self._serve(stream_id, request, end_stream)
+
+    def _decode(self, block: bytes, stream_id: int) -> Request | None:
+        """The request of a header block (None if malformed), decoded even for a stream that
+        is not served: the HPACK table must follow every block (RFC 9113 §4.3)."""
+        decoder = self.decoder
+        changes = decoder.changes
         try:
-            request = parse_request(event.headers or (), self.state.ws_factory is not None)
+            fields = decoder.decode(block)
+        except HeaderListTooLarge as exc:
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from exc
+        except HPACKError as exc:
+            raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, str(exc)) from exc
+        try:
+            request = parse_request(fields, self.state.ws_factory is not None)
         except Malformed as exc:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("Malformed HTTP/2 request on stream %d: %s", stream_id, exc)
-            self._rst(stream_id, ErrorCodes.PROTOCOL_ERROR)
-            return
-        self._serve(stream_id, request, event.stream_ended is not None)
+            return None
+        requests = self.requests
+        if decoder.changes != changes or len(requests) >= _CACHED_BLOCKS:
+            requests.clear()  # the same bytes may mean other fields now
+        if decoder.changes == changes:
+            requests[block] = request
+        return request
 
-    def _serve(self, stream_id: int, request: Request, ended: bool, body: bytes = b"") -> H2Stream:
+    def _serve(self, stream_id: int, request: Request, ended: bool, body: bytes = b"") -> None:
         """Start the app for a request; `body`: all of it, read already (h2c upgrade)."""
         state = self.state
         raw_path, _, query = request.path.partition(b"?")
@@ -247,7 +297,7 @@ class H2Connection(asyncio.Protocol):
             raw_path,
             query,
             "2",
-            request.headers,
+            list(request.headers),  # the request may be cached: the app may change its copy
             self.endpoints,
             proxy,
             extensions,
@@ -260,7 +310,7 @@ class H2Connection(asyncio.Protocol):
             stream.cycle = cycle
             if request.protocol != b"websocket":  # RFC 8441 §4: a protocol we do not speak
                 cycle.reject(501, b"Unsupported :protocol")
-                return stream
+                return
             driver = stream.tunnel = H2WebSocket(stream)
             driver.session = session = WebSocketSession(cast(WebSocketRequest, cycle), driver)
             coro = session.run(state.app)
@@ -274,32 +324,41 @@ class H2Connection(asyncio.Protocol):
         if limit and len(state.tasks) >= limit:
             coro.close()
             cycle.reject(503, b"Service Unavailable")
-            return stream
+            return
         task = start_task(state.loop, coro, state.context, True)
         if not task.done():
             cycle.task = task
             state.tasks.add(task)
-        return stream
 
     def _upgraded(self, upgrade: Upgrade) -> None:
-        """Answer the HTTP/1.1 request that asked for h2c on stream 1, its body already read."""
+        """Answer the HTTP/1.1 request that asked for h2c on stream 1, its body already read.
+        Its HTTP2-Settings are the client's first SETTINGS (RFC 7540 §3.2.1), not acknowledged."""
+        try:  # `h2c.upgrade_settings` has checked them
+            self._apply_settings(settings_pairs(upgrade.settings))
+        except ConnectionFailure as exc:  # pragma: no cover
+            self._connection_error(exc.code, str(exc))
+            return
+        self.highest = 1
         request = from_http1(upgrade.method, upgrade.target, upgrade.headers)
         self._serve(1, request, True, upgrade.body)
-        self.flush()
 
-    def _data(self, event: DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
-        data = event.data or b""
-        length = event.flow_controlled_length or 0
-        if stream is None:  # a stream we reset, or answered already: credit the connection
-            if length:
-                self.h2.acknowledge_received_data(length, event.stream_id)
+    def on_data(self, stream_id: int, data: bytes, length: int, end_stream: bool) -> None:
+        if length > self.recv_window:
+            raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the window")
+        self.recv_window -= length
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_ended:
+            self._closed_data(stream_id, stream, length)
             return
-        if not length and not event.stream_ended:
+        if length > stream.recv_window:
+            self.give_credit(None, length)
+            self._stream_error(stream_id, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the window")
+            return
+        stream.recv_window -= length
+        if not length and not end_stream:
             self.empty += 1
             if self.empty > EMPTY_DATA_PER_TICK:
                 self._calm("empty DATA frames")
-                return
         limit = self.state.limit_request_body
         cycle = stream.cycle
         if (
@@ -310,28 +369,43 @@ class H2Connection(asyncio.Protocol):
         ):
             self._too_large(stream, cycle, length)
             return
-        stream.on_data(data, length)
+        if length:
+            stream.on_data(data, length)
+        if end_stream:
+            stream.on_end()
+
+    def _closed_data(self, stream_id: int, stream: H2Stream | None, length: int) -> None:
+        """DATA on a stream that is closed, or whose request has ended: credit the connection;
+        an idle stream's is a connection error, the others' RST_STREAM STREAM_CLOSED, up to a
+        bound per tick (beyond it the client is flooding)."""
+        if stream is None and stream_id > self.highest:
+            raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+        self.give_credit(None, length)
+        self.closed_data += 1
+        if self.closed_data > CLOSED_DATA_PER_TICK:
+            self._calm("DATA frames on closed streams")
+        if stream is None and stream_id in self.reset_ids:
+            return  # sent before the client saw our reset: ignored (RFC 9113 §5.1)
+        self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, "DATA after the end")
 
     def _too_large(self, stream: H2Stream, cycle: RequestCycle, length: int) -> None:
         """A body over --limit-request-body: 413 if the app has not answered yet (the stream is
         then done: RST_STREAM NO_ERROR stops the client), else RST_STREAM CANCEL. The app
         sees `http.disconnect` either way."""
-        self.h2.acknowledge_received_data(length, stream.stream_id)
+        self.give_credit(None, length)
         if cycle.phase is START:
             cycle.reject(413, b"Request Entity Too Large")
         cycle.on_disconnect()
         if stream.stream_id in self.streams:
-            self.reset_stream(stream, ErrorCodes.CANCEL)
+            self.reset_stream(stream, ErrorCode.CANCEL)
 
-    def _ended(self, event: StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.on_end()
-
-    def _reset(self, event: StreamReset) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is None or not self._forget(stream):
+    def on_rst_stream(self, stream_id: int, code: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.highest:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             return
+        self._forget(stream)
         task = stream.cycle.task if stream.cycle is not None else None
         stream.on_reset()
         if task is not None and not task.done():
@@ -343,37 +417,80 @@ class H2Connection(asyncio.Protocol):
         """A stream reset by the client before its response, or refused: both cost the server
         and serve nothing."""
         self.resets += 1
-        if self.resets > RESETS_PER_TICK and not self.failed:
+        if self.resets > RESETS_PER_TICK:
             self._calm("streams reset or refused")
 
     def _orphan_done(self, task: asyncio.Task[None]) -> None:
         self.orphans -= 1
 
-    def _control(self, event: object) -> None:
-        """PING or SETTINGS (h2 has answered it)."""
+    def on_priority(self, stream_id: int, depends_on: int) -> None:
+        """RFC 9113 §5.3.2: priority signals are accepted and ignored."""
+
+    def on_ping(self, payload: bytes) -> None:
+        self._control()
+        self.out.append(ping_ack(payload))
+
+    def _control(self) -> None:
         self.control += 1
         if self.control > CONTROL_PER_TICK:
             self._calm("PING/SETTINGS frames")
 
-    def _window(self, event: WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.pending is not None:
-                stream.push()
-        else:
-            self._push_blocked()
+    def on_settings(self, settings: list[tuple[int, int]]) -> None:
+        self._control()
+        self._apply_settings(settings)
+        self.out.append(SETTINGS_ACK)
 
-    def _settings(self, event: RemoteSettingsChanged) -> None:
-        self._control(event)
-        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            self._push_blocked()
+    def _apply_settings(self, settings: list[tuple[int, int]]) -> None:
+        for code, value in settings:
+            if code == INITIAL_WINDOW_SIZE:
+                delta = value - self.initial_window
+                self.initial_window = value
+                for stream in self.streams.values():  # RFC 9113 §6.9.2
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
+                if delta > 0:
+                    self._push_blocked()
+            elif code == MAX_FRAME_SIZE:
+                self.frame_size = value
+            elif code == HEADER_TABLE_SIZE:
+                self.encoder.table_size_changed()
 
-    def _terminated(self, event: ConnectionTerminated) -> None:
-        """The client's GOAWAY: it is leaving. h2 sends nothing more after it, so the streams in
-        flight end here too (their apps see `http.disconnect`)."""
+    def on_window_update(self, stream_id: int, increment: int) -> None:
+        if not stream_id:
+            if not increment:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionFailure(ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
+            self._push_blocked()
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.highest:
+                raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
+            return  # closed: it may still come for a while (RFC 9113 §6.9)
+        if not increment:
+            self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(stream_id, ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
+        elif stream.pending is not None:
+            stream.push()
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        """The client's GOAWAY: it opens no more streams (RFC 9113 §6.8). With NO_ERROR, the
+        streams in flight are still answered, then the connection closes; with an error, it
+        ends now (the apps see `http.disconnect`)."""
         self.closing = True
-        self._drop_streams()
-        self._close()
+        if code != ErrorCode.NO_ERROR:
+            self._drop_streams()
+        if not self.streams:
+            self._close()
+
+    def on_stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        self._stream_error(stream_id, code, reason)
 
     def _push_blocked(self) -> None:
         for stream in list(self.blocked):
@@ -381,12 +498,21 @@ class H2Connection(asyncio.Protocol):
 
     # Streams
 
-    def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
+    def _stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        """RFC 9113 §5.4.2: RST_STREAM `code`; the stream's app sees `http.disconnect`."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("HTTP/2 stream %d error: %s", stream_id, reason)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self.reset_stream(stream, code)
+        else:
+            self._rst(stream_id, code)
+
+    def reset_stream(self, stream: H2Stream, code: ErrorCode) -> None:
         """End one stream with RST_STREAM `code`; the others go on."""
         self._forget(stream)
         self._rst(stream.stream_id, code)
         stream.on_reset()
-        self.flush()
         self._after_stream()
 
     def stream_done(self, stream: H2Stream) -> None:
@@ -395,9 +521,8 @@ class H2Connection(asyncio.Protocol):
         if not self._forget(stream):
             return
         if not stream.remote_ended:
-            self._rst(stream.stream_id, _NO_ERROR)
+            self._rst(stream.stream_id, ErrorCode.NO_ERROR)
             stream.on_reset()
-            self.flush()
         self._after_stream()
 
     def _forget(self, stream: H2Stream) -> bool:
@@ -407,9 +532,13 @@ class H2Connection(asyncio.Protocol):
         self.blocked.discard(stream)
         return True
 
-    def _rst(self, stream_id: int, code: ErrorCodes) -> None:
-        with contextlib.suppress(StreamClosedError):  # closed by the client meanwhile
-            self.h2.reset_stream(stream_id, code)
+    def _rst(self, stream_id: int, code: ErrorCode) -> None:
+        self.out.append(rst_stream(stream_id, code))
+        resets = self.reset_ids
+        resets[stream_id] = None
+        if len(resets) > _REMEMBERED_RESETS:
+            del resets[next(iter(resets))]
+        self.flush()
 
     def _after_stream(self) -> None:
         if not self.streams:
@@ -420,16 +549,13 @@ class H2Connection(asyncio.Protocol):
 
     # Errors, timeouts, shutdown
 
-    def _connection_error(self, exc: ProtocolError, code: ErrorCodes | None = None) -> None:
+    def _connection_error(self, code: ErrorCode, reason: str) -> None:
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("HTTP/2 connection error: %s", exc)
+            logger.debug("HTTP/2 connection error: %s", reason)
         if self.failed:
             return
         self.failed = self.closing = True
-        if self.h2.state_machine.state is not ConnectionState.CLOSED:
-            # h2 checks the preface before its state machine, and queues no GOAWAY for it.
-            self.h2.close_connection(exc.error_code if code is None else code)
-        self.flush(True)
+        self.out.append(goaway(self.highest, code))
         self._drop_streams()
         self._close()
 
@@ -440,11 +566,11 @@ class H2Connection(asyncio.Protocol):
             client_text(self.endpoints[0]),
             what,
         )
-        self._connection_error(ProtocolError(what), _CALM)
+        raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, what)
 
     def check_timeout(self, now: float) -> None:
         """Server tick: close an idle connection, or one whose preface never came."""
-        self.resets = self.control = self.empty = self.h2.closed_data = 0
+        self.resets = self.control = self.empty = self.closed_data = 0
         for session in self._sessions():
             session.check_timeout(now)
         if self.deadline and now >= self.deadline and not self.streams:
@@ -459,33 +585,16 @@ class H2Connection(asyncio.Protocol):
         ]
 
     def shutdown(self) -> None:
-        """GOAWAY with the last stream we will serve; close once those streams are done.
-
-        The GOAWAY frame is written here rather than by h2, whose state machine would refuse
-        to send anything after it: the streams in flight must still finish (RFC 9113 §6.8)."""
+        """GOAWAY with the last stream we will serve; close once those streams are done
+        (RFC 9113 §6.8: the streams in flight still finish)."""
         if not self.closing:
             self.closing = True
-            goaway = GoAwayFrame(0)
-            goaway.last_stream_id = self.h2.highest_inbound_stream_id
-            goaway.error_code = _NO_ERROR
-            self.flush(True)
-            self.transport.write(goaway.serialize())
+            self.out.append(goaway(self.highest, ErrorCode.NO_ERROR))
+            self._write()
         for session in self._sessions():
             session.shutdown()
         if not self.streams:
             self._close()
-
-
-_HANDLERS: dict[type, Any] = {
-    RequestReceived: H2Connection._request,
-    DataReceived: H2Connection._data,
-    StreamEnded: H2Connection._ended,
-    StreamReset: H2Connection._reset,
-    WindowUpdated: H2Connection._window,
-    RemoteSettingsChanged: H2Connection._settings,
-    PingReceived: H2Connection._control,
-    ConnectionTerminated: H2Connection._terminated,
-}
 
 
 def take_over(
