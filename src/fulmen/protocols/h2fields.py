@@ -10,8 +10,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from fulmen.protocols.fields import CONTENT_LENGTH, ORDINARY, SERVER_OR_DATE, check
+from fulmen.protocols.fields import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    ORDINARY,
+    SERVER_OR_DATE,
+    TRANSFER_ENCODING,
+    Kind,
+    check,
+)
 from fulmen.protocols.fields import content_length as app_content_length
+from fulmen.protocols.hpack import encode_field
 
 # RFC 9113 §8.2.1: lower-case tokens only; values without NUL, CR, LF or edge whitespace.
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -162,50 +171,76 @@ def _check_pseudo(request: Request, seen: set[bytes], connect_protocol: bool) ->
         raise Malformed("invalid :path")
 
 
+# What a response field becomes, by the (name, value) pair the application sent (when it is a
+# tuple: a list is checked every time): its HPACK octets (empty if HTTP/2 drops it), its kind,
+# its lower-case name, and the Content-Length value for that kind. Bounded as HTTP/1.1's lines.
+_Entry = tuple[bytes, Kind, bytes, int]
+_ENTRIES: dict[tuple[bytes, bytes], _Entry] = {}
+_ENTRIES_MAX = 1024
+_STATUS_FIELDS = {status: encode_field(b":status", value) for status, value in _STATUS.items()}
+_DEFAULTS: tuple[object, bytes] = (None, b"")  # the last `defaults` list, and its octets
+
+
+def _entry(header: tuple[bytes, bytes]) -> _Entry:
+    """Check a response field (`fields.check`, as for HTTP/1.1) and encode it, cached."""
+    lname, kind = check(header)
+    value = header[1]
+    length = app_content_length(value) if kind is CONTENT_LENGTH else 0
+    dropped = kind is TRANSFER_ENCODING or kind is CONNECTION or lname in _NOT_SENT
+    entry = (b"" if dropped else encode_field(lname, _value(value)), kind, lname, length)
+    if isinstance(header, tuple):
+        if len(_ENTRIES) >= _ENTRIES_MAX:
+            _ENTRIES.clear()
+        _ENTRIES[header] = entry
+    return entry
+
+
 def response_fields(
     status: int, headers: Iterable[tuple[bytes, bytes]], defaults: list[tuple[bytes, bytes]]
-) -> tuple[list[tuple[bytes, bytes]], int | None]:
-    """The response's header block and the application's Content-Length (None if it sent
-    none). Names are checked and lower-cased as for HTTP/1.1 (`fields.check`); connection-
+) -> tuple[list[bytes], int | None]:
+    """The encoded fields of a response's header block, and the application's Content-Length
+    (None if it sent none). Names are checked and lower-cased as for HTTP/1.1; connection-
     specific fields, which HTTP/2 forbids (§8.2.2), are dropped; `defaults` (server, date,
     --header) are added unless the application sent the same names."""
-    block = [(b":status", _STATUS.get(status) or b"%d" % status)]
+    global _DEFAULTS
+    block = [_STATUS_FIELDS.get(status) or encode_field(b":status", b"%d" % status)]
     append = block.append
     length: int | None = None
     own: set[bytes] | None = None
+    get = _ENTRIES.get
     for header in headers:
-        lname, kind = check(header)
-        if kind is not ORDINARY:
-            if kind is CONTENT_LENGTH:
-                length = app_content_length(header[1])
-            elif kind is SERVER_OR_DATE:
-                own = {lname} if own is None else own | {lname}
-            else:  # connection or transfer-encoding
-                continue
-        elif lname in _NOT_SENT:
-            continue
-        append((lname, _value(header[1])))
-    if own is None:
-        block.extend(defaults)
-    else:
-        block.extend(pair for pair in defaults if pair[0] not in own)
+        try:
+            entry = get(header) or _entry(header)
+        except TypeError:  # a list: unhashable
+            entry = _entry(header)
+        append(entry[0])
+        kind = entry[1]
+        if kind is CONTENT_LENGTH:
+            length = entry[3]
+        elif kind is SERVER_OR_DATE:
+            own = {entry[2]} if own is None else own | {entry[2]}
+    if own is not None:
+        block.extend(encode_field(*pair) for pair in defaults if pair[0] not in own)
+    elif _DEFAULTS[0] is defaults:
+        append(_DEFAULTS[1])
+    else:  # a new second: a new date
+        _DEFAULTS = (defaults, b"".join(encode_field(*pair) for pair in defaults))
+        append(_DEFAULTS[1])
     return block, length
 
 
-def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """A trailer section: checked fields, none of them framing or connection fields
+def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """A trailer section, encoded: checked fields, none of them framing or connection fields
     (RFC 9110 §6.5.1)."""
-    block = []
+    block: list[bytes] = []
     for header in headers:
         lname, kind = check(header)
         if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in _NOT_SENT:
             raise RuntimeError(f"Header {header[0]!r} is not allowed in trailers")
-        block.append((lname, _value(header[1])))
+        block.append(encode_field(lname, _value(header[1])))
     return block
 
 
-def interim_fields(
-    status: int, headers: Iterable[tuple[bytes, bytes]]
-) -> list[tuple[bytes, bytes]]:
-    """An informational response's block (100 Continue, 103 Early Hints)."""
-    return [(b":status", _STATUS[status]), *((check(h)[0], _value(h[1])) for h in headers)]
+def interim_fields(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """An informational response's block (100 Continue, 103 Early Hints), encoded."""
+    return [_STATUS_FIELDS[status], *(encode_field(check(h)[0], _value(h[1])) for h in headers)]

@@ -22,6 +22,7 @@ from fulmen.protocols.cycle import Headers, RequestCycle
 from fulmen.protocols.flow import wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
 from fulmen.protocols.h2frames import DATA, END_STREAM, ErrorCode, frame
+from fulmen.protocols.hpack import encode_field
 from fulmen.state import ServerState
 
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -41,8 +42,8 @@ class Connection(Protocol):
     def flush(self, now: bool = False) -> None:
         """Write the queued frames (unless handling received frames: then after)."""
 
-    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
-        """Queue a header block."""
+    def send_headers(self, stream_id: int, fields: list[bytes], end: bool) -> None:
+        """Queue a header block of encoded fields."""
 
     def give_credit(self, stream: H2Stream | None, size: int) -> None:
         """Received bytes taken: window credit for the connection and `stream`."""
@@ -101,7 +102,7 @@ class H2Stream:
         self.remaining: int | None = None  # of the application's Content-Length
         self.pending: bytes | None = None  # body bytes waiting for send window
         self.pending_end = False  # the stream ends after `pending`
-        self.trailers: list[tuple[bytes, bytes]] | None = None  # to send after `pending`
+        self.trailers: list[bytes] | None = None  # encoded, to send after `pending`
         self.send_window = conn.initial_window
         self.recv_window = 65535  # what the client may still send (our initial window)
         self.credit = 0  # request body bytes taken and not yet credited back
@@ -121,7 +122,7 @@ class H2Stream:
             if not no_body:
                 self._count(body, more_body)
         elif not more_body and not no_body:
-            block.append((b"content-length", b"%d" % len(body)))
+            block.append(encode_field(b"content-length", b"%d" % len(body)))
         if self.reset:
             return
         end = no_body or (not more_body and not body)

@@ -292,13 +292,16 @@ class Encoder:
     def encode(self, fields: Iterable[tuple[bytes, bytes]]) -> bytes:
         """A header block for `fields` (lower-case names, in order)."""
         get = _CACHE.get
-        block = b"".join([get(field) or encode_field(*field) for field in fields])
+        return self.block([get(field) or encode_field(*field) for field in fields])
+
+    def block(self, parts: list[bytes]) -> bytes:
+        """A header block of fields each encoded by `encode_field`, in order."""
         if self._size_update:
             # §4.2: the first block after a SETTINGS_HEADER_TABLE_SIZE change opens with a size
             # update; 0 suits any new maximum, the table being unused.
             self._size_update = False
-            return b"\x20" + block
-        return block
+            return b"\x20" + b"".join(parts)
+        return b"".join(parts)
 
     def table_size_changed(self) -> None:
         """The peer changed SETTINGS_HEADER_TABLE_SIZE: the next block starts with a size update."""

@@ -207,9 +207,10 @@ class H2Connection(asyncio.Protocol):
         self._write()
         self.transport.close()
 
-    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
-        """Queue a header block on `stream_id` (HEADERS, and CONTINUATION if it is large)."""
-        self.out.append(header_frames(stream_id, self.encoder.encode(fields), end, self.frame_size))
+    def send_headers(self, stream_id: int, fields: list[bytes], end: bool) -> None:
+        """Queue a header block on `stream_id` (HEADERS, and CONTINUATION if it is large):
+        `fields` encoded each by `hpack.encode_field`."""
+        self.out.append(header_frames(stream_id, self.encoder.block(fields), end, self.frame_size))
 
     def give_credit(self, stream: H2Stream | None, size: int) -> None:
         """`size` received bytes are taken (or will never be): WINDOW_UPDATE once enough has
