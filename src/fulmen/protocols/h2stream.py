@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from fulmen.protocols.cycle import Headers, RequestCycle
 from fulmen.protocols.flow import wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
-from fulmen.protocols.h2frames import DATA, END_STREAM, ErrorCode, frame
+from fulmen.protocols.h2frames import DATA, DEFAULT_WINDOW, END_STREAM, ErrorCode, frame
 from fulmen.protocols.hpack import encode_field
 from fulmen.state import ServerState
 
@@ -104,7 +104,7 @@ class H2Stream:
         self.pending_end = False  # the stream ends after `pending`
         self.trailers: list[bytes] | None = None  # encoded, to send after `pending`
         self.send_window = conn.initial_window
-        self.recv_window = 65535  # what the client may still send (our initial window)
+        self.recv_window = DEFAULT_WINDOW  # what the client may still send: our initial window
         self.credit = 0  # request body bytes taken and not yet credited back
         self.unacked = 0  # request body bytes received and not yet taken by the app
         self.tunnel: Tunnel | None = None  # a WebSocket, which takes the DATA frames

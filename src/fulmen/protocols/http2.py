@@ -215,19 +215,22 @@ class H2Connection(asyncio.Protocol):
     def give_credit(self, stream: H2Stream | None, size: int) -> None:
         """`size` received bytes are taken (or will never be): WINDOW_UPDATE once enough has
         gathered, on the connection and, if given and still open, on `stream`."""
+        out = self.out
+        queued = len(out)
         credit = self.credit + size
         if credit >= CREDIT_STEP:
-            self.out.append(window_update(0, credit))
+            out.append(window_update(0, credit))
             self.recv_window += credit
             credit = 0
         self.credit = credit
         if stream is not None and not stream.remote_ended and not stream.reset:
             stream.credit += size
             if stream.credit >= CREDIT_STEP:
-                self.out.append(window_update(stream.stream_id, stream.credit))
+                out.append(window_update(stream.stream_id, stream.credit))
                 stream.recv_window += stream.credit
                 stream.credit = 0
-        self.flush()
+        if len(out) > queued:
+            self.flush()
 
     # Frames (`fulmen.protocols.h2frames.Receiver`)
 
