@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from tests.protocols.h2peer import (
+    App,
+    release,
+)
 
 
 @pytest.fixture
@@ -27,3 +33,17 @@ def h2_sockets() -> Iterator[None]:
 
     while h2client.OPEN:
         h2client.OPEN.pop().close()
+
+
+@pytest.fixture
+def server(serve_one: Any) -> Iterator[Callable[..., tuple[Any, App]]]:
+    """`srv, app = server(**options)`: held apps are released before the server stops."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**options: Any) -> tuple[Any, App]:
+            app = App()
+            srv = stack.enter_context(serve_one(app, **options))
+            stack.callback(release, srv, app)  # runs first: the stack unwinds in reverse
+            return srv, app
+
+        yield start

@@ -133,6 +133,15 @@ def _note(request: Request, name: bytes, value: bytes) -> None:
         request.expect = value.lower() == b"100-continue"
 
 
+def trailers_valid(block: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's trailer section is well formed: fields as in its header section,
+    and no pseudo-header (RFC 9113 §8.1)."""
+    return all(
+        _NAME.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
+        for name, value in block
+    )
+
+
 def from_http1(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request:
     """The request of an HTTP/1.1 `Upgrade: h2c` (RFC 7540 §3.2), answered on stream 1,
     without the fields that belonged to its HTTP/1.1 connection."""

@@ -74,8 +74,11 @@ class Receiver(Protocol):
     """What the reader calls, once per frame (the stream id is never 0 where one is named,
     and 0 where none is)."""
 
-    def on_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        """A whole header block (HEADERS and its CONTINUATION frames), padding removed."""
+    def on_headers(
+        self, stream_id: int, block: bytes, end_stream: bool, refuse: ErrorCode | None = None
+    ) -> None:
+        """A whole header block (HEADERS and its CONTINUATION frames), padding removed;
+        `refuse`: the HEADERS frame broke a rule of its stream, to be reset with this code."""
 
     def on_data(self, stream_id: int, data: bytes, length: int, end_stream: bool) -> None:
         """DATA: `length` is what counts against flow control (the padding included)."""
@@ -96,13 +99,22 @@ class Receiver(Protocol):
         """`stream_id` 0 is the connection's window; `increment` may be 0 (an error)."""
 
     def on_stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> None:
-        """A frame that breaks a rule of its own stream only (RFC 9113 §5.4.2)."""
+        """A PRIORITY frame that breaks a rule of its own stream only (RFC 9113 §5.4.2)."""
 
 
 class FrameReader:
     """Frames out of received bytes, for one connection's `Receiver`."""
 
-    __slots__ = ("block", "block_end", "block_limit", "block_stream", "buffer", "preface", "target")
+    __slots__ = (
+        "block",
+        "block_end",
+        "block_limit",
+        "block_refuse",
+        "block_stream",
+        "buffer",
+        "preface",
+        "target",
+    )
 
     def __init__(self, target: Receiver, block_limit: int, preface: bool = True) -> None:
         """`block_limit`: the largest header block accepted (its encoded size);
@@ -114,6 +126,7 @@ class FrameReader:
         self.block: bytes | None = None  # a header block waiting for its CONTINUATION frames
         self.block_stream = 0
         self.block_end = False  # the HEADERS frame of `block` had END_STREAM
+        self.block_refuse: ErrorCode | None = None  # and broke a rule of its stream
 
     def feed(self, data: bytes) -> None:
         """Read every whole frame in the bytes received so far; keep the rest for later."""
@@ -169,23 +182,25 @@ class FrameReader:
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if not stream_id:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        priority = 5 if flags & PRIORITY_FLAG else 0  # the priority fields' octets
         if flags & PADDED:
-            payload = _unpad(payload)
-        if flags & PRIORITY_FLAG:
+            payload = _unpad(payload, priority)
+        refuse = None
+        if priority:
             if len(payload) < 5:
                 raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
-            depends_on = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:  # §5.3.1
+                refuse = ErrorCode.PROTOCOL_ERROR
             payload = payload[5:]
-            if depends_on == stream_id:  # §5.3.1
-                self.target.on_stream_error(stream_id, ErrorCode.PROTOCOL_ERROR, "self-dependency")
         end_stream = bool(flags & END_STREAM)
         if flags & END_HEADERS:
-            self.target.on_headers(stream_id, payload, end_stream)
+            self.target.on_headers(stream_id, payload, end_stream, refuse)
             return
         self._limit(len(payload))
         self.block = payload
         self.block_stream = stream_id
         self.block_end = end_stream
+        self.block_refuse = refuse
 
     def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         block = self.block
@@ -195,7 +210,7 @@ class FrameReader:
         block += payload
         if flags & END_HEADERS:
             self.block = None
-            self.target.on_headers(stream_id, block, self.block_end)
+            self.target.on_headers(stream_id, block, self.block_end, self.block_refuse)
         else:
             self.block = block
 
@@ -284,9 +299,10 @@ _READERS = (
 )
 
 
-def _unpad(payload: bytes) -> bytes:
-    """A padded frame's content (RFC 9113 §6.1): the pad length byte and the padding removed."""
-    if not payload or payload[0] >= len(payload):
+def _unpad(payload: bytes, reserved: int = 0) -> bytes:
+    """A padded frame's content (RFC 9113 §6.1, §6.2): the pad length octet and the padding
+    removed. The padding may not reach into the frame's `reserved` leading octets."""
+    if not payload or payload[0] >= len(payload) - reserved:
         raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1 : len(payload) - payload[0]]
 

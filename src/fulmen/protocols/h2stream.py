@@ -26,6 +26,7 @@ from fulmen.protocols.hpack import encode_field
 from fulmen.state import ServerState
 
 _NO_BODY_STATUSES = frozenset((204, 304))
+FLUSH_SIZE = 65536  # DATA octets queued on a connection that are written without waiting
 
 
 class Connection(Protocol):
@@ -38,6 +39,7 @@ class Connection(Protocol):
     send_window: int  # the connection's
     initial_window: int  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
     frame_size: int  # the peer's SETTINGS_MAX_FRAME_SIZE
+    queued: int  # DATA octets in `out`
 
     def flush(self, now: bool = False) -> None:
         """Write the queued frames (unless handling received frames: then after)."""
@@ -251,6 +253,11 @@ class H2Stream:
             sent = self._frames(data, window, end)
         self.send_window -= sent
         conn.send_window -= sent
+        conn.queued += sent
+        if conn.queued >= FLUSH_SIZE:
+            # An app that sends without waiting on anything else must still meet the socket's
+            # back-pressure (`pause_writing`), not queue all its window's worth here.
+            conn.flush(True)
         if sent < size:
             self.pending = data[sent:]
             self.write_paused = True

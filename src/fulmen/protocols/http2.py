@@ -20,7 +20,13 @@ from typing import Any, cast
 
 from fulmen.protocols.cycle import START, RequestCycle, client_text
 from fulmen.protocols.h2c import Upgrade, settings_pairs
-from fulmen.protocols.h2fields import Malformed, Request, from_http1, parse_request
+from fulmen.protocols.h2fields import (
+    Malformed,
+    Request,
+    from_http1,
+    parse_request,
+    trailers_valid,
+)
 from fulmen.protocols.h2frames import (
     DEFAULT_FRAME_SIZE,
     DEFAULT_WINDOW,
@@ -70,6 +76,7 @@ CLOSED_DATA_PER_TICK = 100
 # Decoded header blocks kept per connection, by their bytes, while the HPACK table holds still:
 # a client sends the same few blocks over and over.
 _CACHED_BLOCKS = 64
+_CACHED_BLOCK_SIZE = 1024  # larger blocks are rare, and would hold memory per connection
 _REMEMBERED_RESETS = 1024  # streams we reset, whose late frames are ignored (RFC 9113 §5.1)
 
 
@@ -88,6 +95,8 @@ class H2Connection(asyncio.Protocol):
         self.failed = False  # a connection error: nothing more is read or sent
         self.deadline = 0.0
         self.highest = 0  # the highest stream id the client opened
+        self.last_served = 0  # the highest stream id whose request was served (GOAWAY, §6.8)
+        self.queued = 0  # DATA octets in `out`: written at once past FLUSH_SIZE
         self.reset_ids: dict[int, None] = {}  # streams we reset lately
         self.reader = FrameReader(self, state.limits.head + DEFAULT_FRAME_SIZE)
         self.decoder = Decoder(state.limits.head)
@@ -196,6 +205,7 @@ class H2Connection(asyncio.Protocol):
 
     def _write(self) -> None:
         out = self.out
+        self.queued = 0
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
@@ -234,38 +244,54 @@ class H2Connection(asyncio.Protocol):
 
     # Frames (`fulmen.protocols.h2frames.Receiver`)
 
-    def on_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        request = self.requests.get(block)
-        if request is None:
-            request = self._decode(block, stream_id)
+    def on_headers(
+        self, stream_id: int, block: bytes, end_stream: bool, refuse: ErrorCode | None = None
+    ) -> None:
+        """A header block: a request opening a stream, or its trailers. `refuse`: the frame
+        broke a rule of its stream (§5.3.1), which is reset with this code, not served."""
         stream = self.streams.get(stream_id)
-        if stream is not None:  # trailers, which ASGI has no place for: the request is whole
-            if stream.remote_ended or not end_stream:
-                self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, "HEADERS after the end")
-            else:
-                stream.on_end()
-            return
-        if stream_id <= self.highest:
-            if stream_id not in self.reset_ids:
-                raise ConnectionFailure(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
+        if stream is not None:
+            self._trailers(stream, block, end_stream, refuse)
             return
         if not stream_id & 1:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
+        if stream_id <= self.highest:
+            self._fields(block)  # the HPACK table follows every block (RFC 9113 §4.3)
+            if stream_id not in self.reset_ids:
+                raise ConnectionFailure(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
+            return  # sent before the client saw our reset: ignored (RFC 9113 §5.1)
         self.highest = stream_id
-        if self.closing or len(self.streams) + self.orphans >= self.state.h2_max_streams:
+        request = self.requests.get(block)
+        if request is None:
+            request = self._decode(block, stream_id)
+        if refuse is not None:
+            self._rst(stream_id, refuse)
+        elif self.closing or len(self.streams) + self.orphans >= self.state.h2_max_streams:
             # After our GOAWAY, or while apps of reset streams still run: not processed, so
             # the client may retry it (RFC 9113 §8.7).
             self._rst(stream_id, ErrorCode.REFUSED_STREAM)
             self._count_reset()
-            return
-        if request is None:
+        elif request is None:
             self._rst(stream_id, ErrorCode.PROTOCOL_ERROR)
-            return
-        self._serve(stream_id, request, end_stream)
+        else:
+            self._serve(stream_id, request, end_stream)
 
-    def _decode(self, block: bytes, stream_id: int) -> Request | None:
-        """The request of a header block (None if malformed), decoded even for a stream that
-        is not served: the HPACK table must follow every block (RFC 9113 §4.3)."""
+    def _trailers(
+        self, stream: H2Stream, block: bytes, end_stream: bool, refuse: ErrorCode | None
+    ) -> None:
+        """A request's trailer section, which ASGI has no place for: the request is whole.
+        It must end the stream and hold no pseudo-header (RFC 9113 §8.1)."""
+        fields = self._fields(block)
+        if stream.remote_ended:
+            self._stream_error(stream.stream_id, ErrorCode.STREAM_CLOSED, "HEADERS after the end")
+        elif refuse is not None or not end_stream or not trailers_valid(fields):
+            self._stream_error(stream.stream_id, refuse or ErrorCode.PROTOCOL_ERROR, "trailers")
+        else:
+            stream.on_end()
+
+    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The fields of a header block. A block that changes the HPACK table makes the cached
+        requests stale: the same bytes may mean other fields now."""
         decoder = self.decoder
         changes = decoder.changes
         try:
@@ -274,6 +300,15 @@ class H2Connection(asyncio.Protocol):
             raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from exc
         except HPACKError as exc:
             raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, str(exc)) from exc
+        if decoder.changes != changes:
+            self.requests.clear()
+        return fields
+
+    def _decode(self, block: bytes, stream_id: int) -> Request | None:
+        """The request of a header block, None if it is malformed (RFC 9113 §8.1.1): a stream
+        error. Kept by its bytes while the HPACK table holds still."""
+        changes = self.decoder.changes
+        fields = self._fields(block)
         try:
             request = parse_request(fields, self.state.ws_factory is not None)
         except Malformed as exc:
@@ -281,9 +316,9 @@ class H2Connection(asyncio.Protocol):
                 logger.debug("Malformed HTTP/2 request on stream %d: %s", stream_id, exc)
             return None
         requests = self.requests
-        if decoder.changes != changes or len(requests) >= _CACHED_BLOCKS:
-            requests.clear()  # the same bytes may mean other fields now
-        if decoder.changes == changes:
+        if self.decoder.changes == changes and len(block) <= _CACHED_BLOCK_SIZE:
+            if len(requests) >= _CACHED_BLOCKS:
+                requests.clear()
             requests[block] = request
         return request
 
@@ -308,6 +343,7 @@ class H2Connection(asyncio.Protocol):
         )
         stream = H2Stream(self, stream_id, scope, ended)
         self.streams[stream_id] = stream
+        self.last_served = stream_id
         self.deadline = 0.0
         if request.protocol:
             cycle: RequestCycle = WebSocketRequest(state, stream, scope)
@@ -494,7 +530,11 @@ class H2Connection(asyncio.Protocol):
             self._close()
 
     def on_stream_error(self, stream_id: int, code: ErrorCode, reason: str) -> None:
-        self._stream_error(stream_id, code, reason)
+        """A PRIORITY frame breaking its rules: an open stream is reset; for an idle or closed
+        one it is dropped (RST_STREAM may not be sent on an idle stream, §6.4, and priority
+        signals are only advice, §5.3.2)."""
+        if stream_id in self.streams:
+            self._stream_error(stream_id, code, reason)
 
     def _push_blocked(self) -> None:
         for stream in list(self.blocked):
@@ -559,7 +599,7 @@ class H2Connection(asyncio.Protocol):
         if self.failed:
             return
         self.failed = self.closing = True
-        self.out.append(goaway(self.highest, code))
+        self.out.append(goaway(self.last_served, code))
         self._drop_streams()
         self._close()
 
@@ -593,7 +633,7 @@ class H2Connection(asyncio.Protocol):
         (RFC 9113 §6.8: the streams in flight still finish)."""
         if not self.closing:
             self.closing = True
-            self.out.append(goaway(self.highest, ErrorCode.NO_ERROR))
+            self.out.append(goaway(self.last_served, ErrorCode.NO_ERROR))
             self._write()
         for session in self._sessions():
             session.shutdown()
