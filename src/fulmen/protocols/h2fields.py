@@ -20,7 +20,8 @@ from fulmen.protocols.fields import (
     check,
 )
 from fulmen.protocols.fields import content_length as app_content_length
-from fulmen.protocols.hpack import encode_field
+from fulmen.protocols.h2frames import ConnectionFailure, ErrorCode
+from fulmen.protocols.hpack import Decoder, HeaderListTooLarge, HPACKError, encode_field
 
 # RFC 9113 §8.2.1: lower-case tokens only; values without NUL, CR, LF or edge whitespace.
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -43,6 +44,8 @@ _STATUS = {status: b"%d" % status for status in range(100, 600)}
 # Never sent in HTTP/2 responses: the connection-specific fields, and `te` (request-only).
 _NOT_SENT = _CONNECTION_SPECIFIC | {b"te"}
 _SPACE = (32, 9)  # SP, HTAB
+_KEPT_BLOCKS = 64  # decoded requests kept per connection (see `HeaderBlocks`)
+_KEPT_BLOCK_SIZE = 1024  # larger blocks are rare, and would hold memory per connection
 
 
 def _value(value: bytes) -> bytes:
@@ -140,6 +143,49 @@ def trailers_valid(block: Iterable[tuple[bytes, bytes]]) -> bool:
         _NAME.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
         for name, value in block
     )
+
+
+class HeaderBlocks:
+    """The header blocks one connection receives: decoded with its HPACK table (RFC 7541), and
+    the requests among them kept by their octets while the table holds still, since a client
+    sends the same few blocks over and over (after its first request, a block is typically a
+    few one-octet references to the table)."""
+
+    __slots__ = ("connect_protocol", "decoder", "requests")
+
+    def __init__(self, max_list_size: int, connect_protocol: bool) -> None:
+        self.decoder = Decoder(max_list_size)
+        self.connect_protocol = connect_protocol  # extended CONNECT offered (RFC 8441)
+        self.requests: dict[bytes, Request] = {}
+
+    def fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The fields of `block`. One that cannot be decoded is a connection error (RFC 9113
+        §4.3), as is a header list over the limit: the client is abusing the table (an "HPACK
+        bomb"). A block that changes the table makes the kept requests stale: the same octets
+        may mean other fields now."""
+        decoder = self.decoder
+        changes = decoder.changes
+        try:
+            fields = decoder.decode(block)
+        except HeaderListTooLarge as exc:
+            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from exc
+        except HPACKError as exc:
+            raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, str(exc)) from exc
+        if decoder.changes != changes:
+            self.requests.clear()
+        return fields
+
+    def request(self, block: bytes) -> Request:
+        """The request of `block` (as `fields`; Malformed, a stream error), kept if the table
+        held still. The caller looks in `requests` first."""
+        changes = self.decoder.changes
+        request = parse_request(self.fields(block), self.connect_protocol)
+        requests = self.requests
+        if self.decoder.changes == changes and len(block) <= _KEPT_BLOCK_SIZE:
+            if len(requests) >= _KEPT_BLOCKS:
+                requests.clear()
+            requests[block] = request
+        return request
 
 
 def from_http1(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Request:

@@ -333,6 +333,25 @@ def settings_frame(settings: dict[int, int]) -> bytes:
 SETTINGS_ACK = frame(SETTINGS, ACK, 0)
 
 
+def server_preface(
+    max_streams: int, max_list_size: int, stream_window: int, window: int, connect: bool
+) -> bytes:
+    """The server's connection preface (RFC 9113 §3.4): its SETTINGS, then a WINDOW_UPDATE
+    that takes the connection's receive window from the default to `window`."""
+    settings = settings_frame(
+        {
+            MAX_CONCURRENT_STREAMS: max_streams,
+            MAX_HEADER_LIST_SIZE: max_list_size,
+            INITIAL_WINDOW_SIZE: stream_window,
+            ENABLE_PUSH: 0,
+            ENABLE_CONNECT_PROTOCOL: int(connect),
+        }
+    )
+    if window > DEFAULT_WINDOW:
+        return settings + window_update(0, window - DEFAULT_WINDOW)
+    return settings
+
+
 def window_update(stream_id: int, increment: int) -> bytes:
     return frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
 

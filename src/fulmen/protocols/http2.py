@@ -21,22 +21,18 @@ from typing import Any, cast
 from fulmen.protocols.cycle import START, RequestCycle, client_text
 from fulmen.protocols.h2c import Upgrade, settings_pairs
 from fulmen.protocols.h2fields import (
+    HeaderBlocks,
     Malformed,
     Request,
     from_http1,
-    parse_request,
     trailers_valid,
 )
 from fulmen.protocols.h2frames import (
     DEFAULT_FRAME_SIZE,
     DEFAULT_WINDOW,
-    ENABLE_CONNECT_PROTOCOL,
-    ENABLE_PUSH,
     HEADER_TABLE_SIZE,
     INITIAL_WINDOW_SIZE,
-    MAX_CONCURRENT_STREAMS,
     MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE,
     MAX_WINDOW,
     SETTINGS_ACK,
     ConnectionFailure,
@@ -46,11 +42,11 @@ from fulmen.protocols.h2frames import (
     header_frames,
     ping_ack,
     rst_stream,
-    settings_frame,
+    server_preface,
     window_update,
 )
 from fulmen.protocols.h2stream import H2Stream
-from fulmen.protocols.hpack import Decoder, Encoder, HeaderListTooLarge, HPACKError
+from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
@@ -73,10 +69,6 @@ RESETS_PER_TICK = 200
 CONTROL_PER_TICK = 1000
 EMPTY_DATA_PER_TICK = 1000
 CLOSED_DATA_PER_TICK = 100
-# Decoded header blocks kept per connection, by their bytes, while the HPACK table holds still:
-# a client sends the same few blocks over and over.
-_CACHED_BLOCKS = 64
-_CACHED_BLOCK_SIZE = 1024  # larger blocks are rare, and would hold memory per connection
 _REMEMBERED_RESETS = 1024  # streams we reset, whose late frames are ignored (RFC 9113 §5.1)
 
 
@@ -99,9 +91,9 @@ class H2Connection(asyncio.Protocol):
         self.queued = 0  # DATA octets in `out`: written at once past FLUSH_SIZE
         self.reset_ids: dict[int, None] = {}  # streams we reset lately
         self.reader = FrameReader(self, state.limits.head + DEFAULT_FRAME_SIZE)
-        self.decoder = Decoder(state.limits.head)
+        self.blocks = HeaderBlocks(state.limits.head, state.ws_factory is not None)
+        self.requests = self.blocks.requests  # decoded requests by their header block
         self.encoder = Encoder()
-        self.requests: dict[bytes, Request] = {}  # by header block, see _CACHED_BLOCKS
         # Sending: the peer's settings and the connection's send window.
         self.send_window = DEFAULT_WINDOW
         self.initial_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -121,21 +113,15 @@ class H2Connection(asyncio.Protocol):
         self.endpoints = client, _, _ = endpoints(transport)
         proxy = state.proxy_headers
         self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
-        out = self.out
-        out.append(
-            settings_frame(
-                {
-                    MAX_CONCURRENT_STREAMS: state.h2_max_streams,
-                    MAX_HEADER_LIST_SIZE: state.limits.head,
-                    INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                    ENABLE_PUSH: 0,
-                    # RFC 8441: extended CONNECT, for WebSockets over HTTP/2.
-                    ENABLE_CONNECT_PROTOCOL: int(state.ws_factory is not None),
-                }
+        self.out.append(
+            server_preface(
+                state.h2_max_streams,
+                state.limits.head,
+                STREAM_WINDOW,
+                self.recv_window,
+                state.ws_factory is not None,  # extended CONNECT for WebSockets (RFC 8441)
             )
         )
-        if self.recv_window > DEFAULT_WINDOW:
-            out.append(window_update(0, self.recv_window - DEFAULT_WINDOW))
         # The preface (or the request on stream 1) must come within the header timeout.
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
@@ -256,7 +242,7 @@ class H2Connection(asyncio.Protocol):
         if not stream_id & 1:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
         if stream_id <= self.highest:
-            self._fields(block)  # the HPACK table follows every block (RFC 9113 §4.3)
+            self.blocks.fields(block)  # the HPACK table follows every block (RFC 9113 §4.3)
             if stream_id not in self.reset_ids:
                 raise ConnectionFailure(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
             return  # sent before the client saw our reset: ignored (RFC 9113 §5.1)
@@ -281,7 +267,7 @@ class H2Connection(asyncio.Protocol):
     ) -> None:
         """A request's trailer section, which ASGI has no place for: the request is whole.
         It must end the stream and hold no pseudo-header (RFC 9113 §8.1)."""
-        fields = self._fields(block)
+        fields = self.blocks.fields(block)
         if stream.remote_ended:
             self._stream_error(stream.stream_id, ErrorCode.STREAM_CLOSED, "HEADERS after the end")
         elif refuse is not None or not end_stream or not trailers_valid(fields):
@@ -289,38 +275,14 @@ class H2Connection(asyncio.Protocol):
         else:
             stream.on_end()
 
-    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """The fields of a header block. A block that changes the HPACK table makes the cached
-        requests stale: the same bytes may mean other fields now."""
-        decoder = self.decoder
-        changes = decoder.changes
-        try:
-            fields = decoder.decode(block)
-        except HeaderListTooLarge as exc:
-            raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from exc
-        except HPACKError as exc:
-            raise ConnectionFailure(ErrorCode.COMPRESSION_ERROR, str(exc)) from exc
-        if decoder.changes != changes:
-            self.requests.clear()
-        return fields
-
     def _decode(self, block: bytes, stream_id: int) -> Request | None:
-        """The request of a header block, None if it is malformed (RFC 9113 §8.1.1): a stream
-        error. Kept by its bytes while the HPACK table holds still."""
-        changes = self.decoder.changes
-        fields = self._fields(block)
+        """The request of a header block, None if it is malformed (RFC 9113 §8.1.1)."""
         try:
-            request = parse_request(fields, self.state.ws_factory is not None)
+            return self.blocks.request(block)
         except Malformed as exc:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("Malformed HTTP/2 request on stream %d: %s", stream_id, exc)
             return None
-        requests = self.requests
-        if self.decoder.changes == changes and len(block) <= _CACHED_BLOCK_SIZE:
-            if len(requests) >= _CACHED_BLOCKS:
-                requests.clear()
-            requests[block] = request
-        return request
 
     def _serve(self, stream_id: int, request: Request, ended: bool, body: bytes = b"") -> None:
         """Start the app for a request; `body`: all of it, read already (h2c upgrade)."""
