@@ -63,7 +63,7 @@ class AfterHandshake(asyncio.Protocol):
 
 
 def enable_http2(state: ServerState) -> None:
-    """Serve HTTP/2 on this server's connections (`--http2`, h2 installed)."""
+    """Serve HTTP/2 on this server's connections (`--http2`)."""
     from fulmen.protocols.http2 import take_over
 
     state.http2 = take_over

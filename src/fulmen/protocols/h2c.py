@@ -1,8 +1,8 @@
 """HTTP/2 over cleartext, as an HTTP/1.1 connection notices it: the connection preface of a
 client with prior knowledge (RFC 9113 §3.3), and the `Upgrade: h2c` request (RFC 7540 §3.2).
 
-Pure functions, no h2 import: `H1Connection` asks them, then hands the connection over through
-`state.http2` (`fulmen.protocols.http2.take_over`).
+Pure functions, nothing of the HTTP/2 connection imported: `H1Connection` asks them, then hands
+the connection over through `state.http2` (`fulmen.protocols.http2.take_over`).
 """
 
 from __future__ import annotations
