@@ -56,6 +56,10 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _EARLY_HINT: dict[str, object] = {}  # the extension's (empty) entry, shared by every scope
 # Above this many buffered body bytes the app has not received, stop reading the socket.
 HIGH_WATER = 65536
+# Seconds an idle keep-alive connection stays open once the server shuts down: a client under
+# load sends its next request within milliseconds of the last response, so it gets it answered
+# (with `connection: close`) instead of a closed socket. Documented in docs/behaviour.md.
+SHUTDOWN_GRACE = 1.0
 
 
 class H1Connection(asyncio.Protocol):
@@ -511,7 +515,7 @@ class H1Connection(asyncio.Protocol):
 
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         # After a 500 the connection ends: the app failed, and its request body may be unread.
-        close = self.cycle is self.last or status == 500
+        close = self.cycle is self.last or status == 500 or self.state.shutting_down
         if close:
             self.last = self.cycle
         lines = b"".join([wire.header_line(header)[0] for header in headers])
@@ -592,15 +596,22 @@ class H1Connection(asyncio.Protocol):
                 self.reject(408, "Request Timeout")
 
     def shutdown(self) -> None:
-        """Graceful shutdown: close now when idle between requests, otherwise after the current
-        response. A new connection, or one whose request head is arriving, gets until the next
-        timeout sweep to send it: its request may be on the way already. (Clients expect an
-        idle persistent connection to close at any time and retry on a fresh one, RFC 9112
-        §9.3.1; a request on a new connection they take as failed.)"""
+        """Graceful shutdown: a connection serving a request closes after its response (sent
+        with `connection: close`). An idle one, new or between requests, stays open for
+        `SHUTDOWN_GRACE` seconds: a request may be on its way already, and closing would lose
+        it (RFC 9112 §9.6: the client cannot tell whether it was processed; a client sending
+        into a closed socket gets a reset). One that comes is answered, with `connection:
+        close`; a connection still idle after the grace is closed. One whose request head is
+        arriving gets until the next timeout sweep to finish it."""
         if self.cycle is not None:
             return
-        if self.idle and self.served:
-            self.transport.close()
+        if self.idle:
+            self.state.loop.call_later(SHUTDOWN_GRACE, self._close_idle)
         else:
             clock = self.state.clock
             self.deadline = min(self.deadline, clock) if self.deadline else clock
+
+    def _close_idle(self) -> None:
+        """The shutdown grace is over: close the connection unless a request came meanwhile."""
+        if self.idle and self.cycle is None and not self.taken_over:
+            self.transport.close()
