@@ -233,6 +233,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closing
 
+    def can_write_eof(self) -> bool:
+        return False  # as a TLS transport: a lingering close is a plain close here
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 

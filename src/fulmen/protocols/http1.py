@@ -26,6 +26,7 @@ from fulmen.protocols.fields import content_length as app_content_length
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, websocket_upgrade
 from fulmen.protocols.h2c import Upgrade
+from fulmen.protocols.linger import linger
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
@@ -206,10 +207,14 @@ class H1Connection(asyncio.Protocol):
         return cycle is not None and cycle.websocket and len(self.parser.trailing) <= HIGH_WATER
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
         # Python 3.10's TLS transport warns when it is collected unclosed, even after the peer
         # closed it; closing a lost transport does nothing else.
         self.transport.close()
+        self._release()
+
+    def _release(self) -> None:
+        """The connection is over for HTTP: its requests see `http.disconnect`."""
+        self.state.connections.discard(self)
         self.flow.release()
         for cycle in (self.cycle, self.parsing, self.next, *(self.pipeline or ())):
             if cycle is not None:
@@ -585,6 +590,11 @@ class H1Connection(asyncio.Protocol):
             body = wire.status_line(status)[13:-2]
             lines = wire.PLAIN + self.state.default_headers
             self.transport.write(wire.simple_response(status, body, lines))
+            # The client may still be sending (a body over the limit): it reads the status
+            # rather than a reset.
+            self._release()
+            linger(self.transport, self.state.loop)
+            return
         self.transport.close()
 
     def check_timeout(self, now: float) -> None:

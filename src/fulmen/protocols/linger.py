@@ -1,0 +1,52 @@
+"""Lingering close, as nginx and Apache do it: a connection closed while the client may still
+be sending (an error response to a request whose body is arriving, a `connection: close`
+response to pipelined requests) is half-closed first, and what the client sends after it is
+read and dropped until the client closes its side, or a bound in bytes or time is reached.
+
+Closing a socket outright with unread bytes in its receive buffer makes the kernel send a TCP
+reset, and a reset makes the client's kernel discard what it has received and not yet read:
+the client sees `connection reset by peer` instead of the 413 or 400 it was sent (RFC 9112
+§9.6). TLS transports cannot half-close in asyncio: they are closed as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+LINGER_SECONDS = 5.0  # the longest a closing connection is kept to drain the client's bytes
+LINGER_BYTES = 4 * 1024 * 1024  # the most that is read and dropped
+
+
+class Lingering(asyncio.Protocol):
+    """The protocol of a half-closed connection: drops what it reads, closes at the bounds."""
+
+    __slots__ = ("left", "timer", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.left = LINGER_BYTES
+        self.timer = loop.call_later(LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left <= 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
+def linger(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    """Close `transport` after what was written to it, without resetting the connection under
+    a client that is still sending; its protocol is replaced, and hears nothing more."""
+    if transport.is_closing():
+        return
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    transport.set_protocol(Lingering(transport, loop))
+    transport.resume_reading()
