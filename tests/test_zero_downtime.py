@@ -1,5 +1,6 @@
-"""Zero lost requests under sustained load while workers are replaced: SIGHUP rolling restarts
-and `--limit-max-requests` recycling, with eight client threads that never retry.
+"""Zero lost requests under sustained load while workers are replaced or removed: SIGHUP rolling
+restarts, SIGTTOU, and `--limit-max-requests` recycling, with eight client threads that never
+retry.
 
 Six threads keep one connection each (raw sockets: a request, its response, the next request
 on the same connection; a new connection only once a response says `connection: close`) and
@@ -129,6 +130,20 @@ def test_sighup_rolling_restarts_lose_no_request() -> None:
     text = _under_load((), hup)
     assert text.count("Received SIGHUP") == len(sent) >= 2
     assert "stopped (exit code 0)" in text
+
+
+def test_removing_workers_loses_no_request() -> None:
+    """SIGTTOU and SIGTTIN by turns, every half second: a worker serving keep-alive clients is
+    stopped, then one is added."""
+    sent: list[float] = []
+
+    def ttin_ttou(server: Fulmen, elapsed: float) -> None:
+        if elapsed >= len(sent) * 0.5 + 0.5:
+            server.signal(signal.SIGTTIN if len(sent) % 2 else signal.SIGTTOU)
+            sent.append(elapsed)
+
+    text = _under_load((), ttin_ttou)
+    assert text.count("Received SIGTTOU, decreasing the number of workers to 1") >= 2
 
 
 def test_request_limit_recycling_loses_no_request() -> None:
