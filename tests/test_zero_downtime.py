@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import TIMEOUT
-from tests.helpers import Fulmen
+from tests.helpers import BOOTING, Fulmen, Gunicorn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,57 +98,77 @@ class Clients:
             thread.join(TIMEOUT)
 
 
-def _under_load(args: tuple[str, ...], during: Callable[[Fulmen, float], None]) -> str:
-    """Serve `APP` with two workers and `args` under the clients for `SECONDS`, calling
-    `during(server, elapsed)` every 0.1 s; the server's log. Every request must succeed."""
+def _load(server: Fulmen | Gunicorn, during: Callable[[float], None]) -> None:
+    """The clients against `server` for `SECONDS`, calling `during(elapsed)` every 0.1 s.
+    Every request must succeed."""
+    clients = Clients(server.port)
+    began = time.monotonic()
+    try:
+        while (elapsed := time.monotonic() - began) < SECONDS:
+            during(elapsed)
+            time.sleep(0.1)
+    finally:
+        clients.stop()
+    assert clients.failures == [], clients.failures[:5]
+    assert clients.answered > 100 * SECONDS
+    print(f"{clients.answered} requests in {SECONDS} s, none failed")
+
+
+def _under_load(args: tuple[str, ...], during: Callable[[Fulmen], Callable[[float], None]]) -> str:
+    """Serve `APP` with two workers and `args` under the clients, calling `during(server)(elapsed)`
+    every 0.1 s; the server's log."""
     with Fulmen(APP, "--port", "0", "--workers", "2", "--no-access-log", *args) as server:
         for _ in range(2):
             server.stderr.wait_for(r"Worker process \[\d+\] is ready")
-        clients = Clients(server.port)
-        began = time.monotonic()
-        try:
-            while (elapsed := time.monotonic() - began) < SECONDS:
-                during(server, elapsed)
-                time.sleep(0.1)
-        finally:
-            clients.stop()
-        assert clients.failures == [], clients.failures[:5]
-        assert clients.answered > 100 * SECONDS
-        print(f"{clients.answered} requests in {SECONDS} s, none failed")
+        _load(server, during(server))
         return server.stderr.text
+
+
+def _every(seconds: float, action: Callable[[int], None]) -> Callable[[float], None]:
+    """A `during` callback calling `action(n)` for the n-th time every `seconds`, from
+    `seconds / 2` on."""
+    done: list[float] = []
+
+    def during(elapsed: float) -> None:
+        if elapsed >= (len(done) + 0.5) * seconds:
+            action(len(done))
+            done.append(elapsed)
+
+    return during
+
+
+def _signals(server: Fulmen | Gunicorn, every: float, *sigs: int) -> Callable[[float], None]:
+    """Send `sigs` to `server` by turns, every `every` seconds."""
+    return _every(every, lambda n: server.signal(sigs[n % len(sigs)]))
 
 
 def test_sighup_rolling_restarts_lose_no_request() -> None:
     """SIGHUP every second: each restart replaces both workers under load."""
-    sent: list[float] = []
-
-    def hup(server: Fulmen, elapsed: float) -> None:
-        if elapsed >= len(sent) + 0.5:
-            server.signal(signal.SIGHUP)
-            sent.append(elapsed)
-
-    text = _under_load((), hup)
-    assert text.count("Received SIGHUP") == len(sent) >= 2
+    text = _under_load((), lambda server: _signals(server, 1.0, signal.SIGHUP))
+    assert text.count("Received SIGHUP") >= 2
     assert "stopped (exit code 0)" in text
 
 
 def test_removing_workers_loses_no_request() -> None:
     """SIGTTOU and SIGTTIN by turns, every half second: a worker serving keep-alive clients is
     stopped, then one is added."""
-    sent: list[float] = []
-
-    def ttin_ttou(server: Fulmen, elapsed: float) -> None:
-        if elapsed >= len(sent) * 0.5 + 0.5:
-            server.signal(signal.SIGTTIN if len(sent) % 2 else signal.SIGTTOU)
-            sent.append(elapsed)
-
-    text = _under_load((), ttin_ttou)
+    text = _under_load((), lambda server: _signals(server, 0.5, signal.SIGTTOU, signal.SIGTTIN))
     assert text.count("Received SIGTTOU, decreasing the number of workers to 1") >= 2
 
 
 def test_request_limit_recycling_loses_no_request() -> None:
     text = _under_load(
         ("--limit-max-requests", "200", "--limit-max-requests-jitter", "50"),
-        lambda server, elapsed: None,
+        lambda server: lambda elapsed: None,
     )
     assert text.count("reached its request limit; starting a replacement") >= 2
+
+
+def test_gunicorn_hup_and_max_requests_lose_no_request() -> None:
+    """gunicorn with `FulmenWorker`: SIGHUP every second, and workers recycled every 300 to
+    350 requests (`--max-requests`, `--max-requests-jitter`)."""
+    args = ("--max-requests", "300", "--max-requests-jitter", "50")
+    with Gunicorn(*args, workers=2) as server:
+        server.stderr.wait_count(BOOTING.pattern, 2)
+        _load(server, _signals(server, 1.0, signal.SIGHUP))
+        assert server.stderr.count(BOOTING.pattern) >= 6
