@@ -1,14 +1,17 @@
 """HTTP/2 over cleartext, as an HTTP/1.1 connection notices it: the connection preface of a
 client with prior knowledge (RFC 9113 §3.3), and the `Upgrade: h2c` request (RFC 7540 §3.2).
 
-Pure functions, nothing of the HTTP/2 connection imported: `H1Connection` asks them, then hands
-the connection over through `state.http2` (`fulmen.protocols.http2.take_over`).
+Pure functions, nothing of the HTTP/2 connection imported (only its frame layer's rules for
+SETTINGS): `H1Connection` asks them, then hands the connection over through `state.http2`
+(`fulmen.protocols.http2.take_over`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+
+from fulmen.protocols.h2frames import ConnectionFailure, parse_settings
 
 PREFACE_START = b"PRI "  # no HTTP/1.1 method is PRI: these bytes can only be the h2c preface
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n"
@@ -33,9 +36,9 @@ def upgrade_settings(
     connection: bytes,
     length: bytes | None,
     chunked: bool,
-) -> bytes | None:
-    """The HTTP2-Settings value (padded base64url) if this HTTP/1.1 request asks to upgrade
-    to h2c in a way we follow, else None (the request is then served over HTTP/1.1).
+) -> list[tuple[int, int]] | None:
+    """The settings of the HTTP2-Settings field if this HTTP/1.1 request asks to upgrade to
+    h2c in a way we follow, else None (the request is then served over HTTP/1.1).
 
     RFC 7540 §3.2: `Upgrade: h2c`, `Connection: Upgrade, HTTP2-Settings` and exactly one
     HTTP2-Settings field holding a SETTINGS payload. The request body, if any, is read over
@@ -50,34 +53,10 @@ def upgrade_settings(
     value = values[0].strip()
     value += b"=" * (-len(value) % 4)  # sent without padding (token68)
     try:
-        payload = base64.urlsafe_b64decode(value)
-    except (binascii.Error, ValueError):
+        # Settings of 6 bytes each, with values in range (RFC 9113 §6.5.1, §6.5.2).
+        return parse_settings(base64.urlsafe_b64decode(value))
+    except (binascii.Error, ValueError, ConnectionFailure):
         return None
-    if len(payload) % 6 or not all(_valid(payload[i : i + 6]) for i in range(0, len(payload), 6)):
-        return None  # settings are 6 bytes each (RFC 9113 §6.5.1), with values in range
-    return value
-
-
-def settings_pairs(value: bytes) -> list[tuple[int, int]]:
-    """The (parameter, value) pairs of an HTTP2-Settings value that `upgrade_settings`
-    accepted."""
-    payload = base64.urlsafe_b64decode(value)
-    return [
-        (int.from_bytes(payload[i : i + 2], "big"), int.from_bytes(payload[i + 2 : i + 6], "big"))
-        for i in range(0, len(payload), 6)
-    ]
-
-
-def _valid(setting: bytes) -> bool:
-    """RFC 9113 §6.5.2 and RFC 8441 §3: the values a SETTINGS parameter may take."""
-    code, value = int.from_bytes(setting[:2], "big"), int.from_bytes(setting[2:], "big")
-    if code in (0x2, 0x8):  # ENABLE_PUSH, ENABLE_CONNECT_PROTOCOL
-        return value <= 1
-    if code == 0x4:  # INITIAL_WINDOW_SIZE
-        return value <= 2**31 - 1
-    if code == 0x5:  # MAX_FRAME_SIZE
-        return 2**14 <= value <= 2**24 - 1
-    return True
 
 
 class Upgrade:
@@ -86,10 +65,14 @@ class Upgrade:
     __slots__ = ("body", "headers", "method", "settings", "target")
 
     def __init__(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], settings: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        settings: list[tuple[int, int]],
     ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
-        self.settings = settings  # the HTTP2-Settings header (base64url SETTINGS payload)
+        self.settings = settings  # of the HTTP2-Settings field: the client's first SETTINGS
         self.body = b""

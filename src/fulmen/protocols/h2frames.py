@@ -253,12 +253,7 @@ class FrameReader:
             if payload:
                 raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             return
-        if len(payload) % 6:
-            raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS size")
-        settings = [_SETTING.unpack_from(payload, i) for i in range(0, len(payload), 6)]
-        for code, value in settings:
-            _check_setting(code, value)
-        self.target.on_settings(settings)
+        self.target.on_settings(parse_settings(payload))
 
     def _push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
         raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
@@ -305,6 +300,18 @@ def _unpad(payload: bytes, reserved: int = 0) -> bytes:
     if not payload or payload[0] >= len(payload) - reserved:
         raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1 : len(payload) - payload[0]]
+
+
+def parse_settings(payload: bytes) -> list[tuple[int, int]]:
+    """The (parameter, value) pairs of a SETTINGS payload (RFC 9113 §6.5.1), each value in
+    its range (`ConnectionFailure` otherwise): a SETTINGS frame's, or an HTTP2-Settings
+    field's (`fulmen.protocols.h2c`)."""
+    if len(payload) % 6:
+        raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS size")
+    settings = [_SETTING.unpack_from(payload, i) for i in range(0, len(payload), 6)]
+    for code, value in settings:
+        _check_setting(code, value)
+    return settings
 
 
 def _check_setting(code: int, value: int) -> None:

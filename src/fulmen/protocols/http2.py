@@ -19,7 +19,7 @@ import logging
 from typing import Any, cast
 
 from fulmen.protocols.cycle import START, RequestCycle, client_text
-from fulmen.protocols.h2c import Upgrade, settings_pairs
+from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.h2fields import (
     HeaderBlocks,
     Malformed,
@@ -92,7 +92,6 @@ class H2Connection(asyncio.Protocol):
         self.reset_ids: dict[int, None] = {}  # streams we reset lately
         self.reader = FrameReader(self, state.limits.head + DEFAULT_FRAME_SIZE)
         self.blocks = HeaderBlocks(state.limits.head, state.ws_factory is not None)
-        self.requests = self.blocks.requests  # decoded requests by their header block
         self.encoder = Encoder()
         # Sending: the peer's settings and the connection's send window.
         self.send_window = DEFAULT_WINDOW
@@ -247,7 +246,7 @@ class H2Connection(asyncio.Protocol):
                 raise ConnectionFailure(ErrorCode.STREAM_CLOSED, "HEADERS on a closed stream")
             return  # sent before the client saw our reset: ignored (RFC 9113 §5.1)
         self.highest = stream_id
-        request = self.requests.get(block)
+        request = self.blocks.requests.get(block)  # kept from an earlier request
         if request is None:
             request = self._decode(block, stream_id)
         if refuse is not None:
@@ -335,11 +334,7 @@ class H2Connection(asyncio.Protocol):
     def _upgraded(self, upgrade: Upgrade) -> None:
         """Answer the HTTP/1.1 request that asked for h2c on stream 1, its body already read.
         Its HTTP2-Settings are the client's first SETTINGS (RFC 7540 §3.2.1), not acknowledged."""
-        try:  # `h2c.upgrade_settings` has checked them
-            self._apply_settings(settings_pairs(upgrade.settings))
-        except ConnectionFailure as exc:  # pragma: no cover
-            self._connection_error(exc.code, str(exc))
-            return
+        self._apply_settings(upgrade.settings)  # checked by `h2c.upgrade_settings`
         self.highest = 1
         request = from_http1(upgrade.method, upgrade.target, upgrade.headers)
         self._serve(1, request, True, upgrade.body)
