@@ -2,6 +2,8 @@
 
 `app` answers every request with the worker's process id; `/block` blocks the worker's event
 loop (as a CPU-bound or synchronous call in an async app would) and `/forever` never answers.
+A WebSocket is accepted, told the worker's process id and kept open until the client or the
+server closes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from tests.apps import _lifespan
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
+        return
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": str(os.getpid())})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
         return
     path = scope["path"]
     if path == "/block":

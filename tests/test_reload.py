@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 import fulmen
 from fulmen.config import Config
@@ -44,6 +46,11 @@ async def app(scope, receive, send):
         await send({{"type": "lifespan.startup.complete"}})
         await receive()
         await send({{"type": "lifespan.shutdown.complete"}})
+        return
+    if scope["type"] == "websocket":
+        await receive()
+        await send({{"type": "websocket.accept"}})
+        await receive()
         return
     if scope["path"] == "/block":
         print("blocking the loop", flush=True)
@@ -247,6 +254,24 @@ def test_a_signal_stops_the_server_and_the_supervisor(appdir: Path, sig: signal.
         assert "exited with code" not in text
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_websockets_close_with_1012_on_a_reload_and_1001_on_a_stop(appdir: Path) -> None:
+    with reloader(appdir, "--reload-dir", str(appdir)) as proc:
+        wait_nth(proc, SERVING, 1)
+        url = f"ws://127.0.0.1:{proc.port}/"
+        with connect(url, open_timeout=TIMEOUT) as ws:
+            write_app(appdir, "two")
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        wait_nth(proc, SERVING, 2)
+        with connect(url, open_timeout=TIMEOUT) as ws:
+            proc.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert proc.wait() == 0
 
 
 def _block(proc: Fulmen) -> socket.socket:

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 import fulmen
 from fulmen.config import Config
@@ -289,6 +291,47 @@ def test_ttin_and_ttou_change_the_number_of_workers() -> None:
         server.stderr.wait_for("Received SIGTTOU, but one worker is the minimum")
         wait_gone(pids - {get_pid(server)})
         server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+
+def close_code(ws: ClientConnection) -> int | None:
+    """The code of the close frame the server sends next."""
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None, "no close frame"
+    return closed.value.rcvd.code
+
+
+def open_websockets(stack: contextlib.ExitStack, port: int, pids: set[int]) -> dict[Any, int]:
+    """WebSockets until each worker in `pids` holds at least one: {client: worker pid}."""
+    held: dict[Any, int] = {}
+    for _ in range(200):
+        ws = stack.enter_context(connect(f"ws://127.0.0.1:{port}/", open_timeout=TIMEOUT))
+        held[ws] = int(ws.recv(timeout=TIMEOUT))
+        if set(held.values()) == pids:
+            return held
+    raise AssertionError(f"WebSockets did not reach every worker: {set(held.values())}")
+
+
+def test_websockets_close_with_1012_on_restart_and_1001_on_shutdown() -> None:
+    """A worker replaced (SIGHUP) or removed (SIGTTOU) closes its WebSockets with 1012 (service
+    restart: reconnect); a stop of the whole service with 1001 (going away)."""
+    with start() as server, contextlib.ExitStack() as stack:
+        pids = ready_pids(server, 2)
+        held = open_websockets(stack, server.port, pids)
+        server.signal(signal.SIGHUP)
+        assert [close_code(ws) for ws in held] == [1012] * len(held)
+        new = ready_pids(server, 2, exclude=pids)
+        held = open_websockets(stack, server.port, new)
+        server.signal(signal.SIGTTOU)
+        stopped = int(
+            server.stderr.wait_for(r"Stopping worker process \[(\d+)\] \(fewer workers").group(1)
+        )
+        removed = [ws for ws, pid in held.items() if pid == stopped]
+        assert [close_code(ws) for ws in removed] == [1012] * len(removed)
+        server.signal(signal.SIGTERM)
+        kept = [ws for ws, pid in held.items() if pid != stopped]
+        assert [close_code(ws) for ws in kept] == [1001] * len(kept)
         assert server.wait() == 0
 
 

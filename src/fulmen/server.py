@@ -34,6 +34,8 @@ from fulmen.types import ASGIApp
 logger = logging.getLogger("fulmen.error")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How fulmen's supervisors ask their server processes to stop for a restart (`Server.restart`).
+RESTART_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2",) if hasattr(signal, name))
 TICK_SECONDS = 1.0
 ACCEPT_SETTLE_ITERATIONS = 4
 
@@ -66,6 +68,8 @@ class Server:
     """Serve one `Config`. `await server.serve()` works inside an already running loop."""
 
     announce = True  # log a "Fulmen running on" line per socket (a supervisor logs them once)
+    # Signals that call `restart` (the server processes of fulmen's supervisors take SIGUSR2).
+    restart_signals: tuple[int, ...] = ()
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -80,6 +84,7 @@ class Server:
         self._socket_files: list[tuple[str, int]] = []  # (path, inode) to remove
         self.limit_max_requests: int | None = None  # with its jitter, drawn when serving
         self.metrics: Metrics | None = None  # --metrics-bind
+        self.restarting = False  # the shutdown is a restart: another server takes over
 
     @property
     def should_exit(self) -> bool:
@@ -93,6 +98,13 @@ class Server:
             # The server may have stopped (and its loop closed) already: nothing left to stop.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._exit_event.set)
+
+    def restart(self) -> None:
+        """A graceful shutdown after which the service goes on (a supervisor replaces this
+        server): the same, except that open WebSockets close with 1012 (service restart)
+        instead of 1001 (going away), telling clients to reconnect."""
+        self.restarting = True
+        self.should_exit = True
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         """Run `serve()` on a new event loop of the configured kind."""
@@ -238,7 +250,7 @@ class Server:
             "Maximum request limit of %d exceeded. Terminating process.",
             self.limit_max_requests,
         )
-        self.should_exit = True
+        self.restart()  # whatever runs the server (supervisor, process manager) starts another
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Stop accepting, let in-flight requests finish within the timeout, then cancel."""
@@ -253,6 +265,7 @@ class Server:
         for _ in range(ACCEPT_SETTLE_ITERATIONS):
             await asyncio.sleep(0)
         state.shutting_down = True
+        state.ws_shutdown_code = 1012 if self.restarting else 1001
         for conn in list(state.connections):
             conn.shutdown()
         await self._wait_for_connections()
@@ -283,7 +296,7 @@ class Server:
                 return
             await asyncio.sleep(0.05)
 
-    def _install_signal_handlers(self) -> list[signal.Signals]:
+    def _install_signal_handlers(self) -> list[int]:
         if threading.current_thread() is not threading.main_thread():
             return []  # the embedding program owns signals
         if sys.platform == "win32":  # pragma: no cover - Windows loops take no signal handlers
@@ -291,7 +304,9 @@ class Server:
         assert self._loop is not None
         for sig in HANDLED_SIGNALS:
             self._loop.add_signal_handler(sig, self.handle_exit, sig)
-        return list(HANDLED_SIGNALS)
+        for restart in self.restart_signals:
+            self._loop.add_signal_handler(restart, self.restart)
+        return [*HANDLED_SIGNALS, *self.restart_signals]
 
     def handle_exit(self, sig: int) -> None:
         """First SIGINT/SIGTERM: graceful shutdown. A second SIGINT: stop waiting at once."""

@@ -96,6 +96,9 @@ class ServerState:
         self.tasks: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False
+        # The close code a graceful shutdown sends open WebSockets: 1001 (going away), or 1012
+        # (service restart) when the server is being restarted (`Server.restart`).
+        self.ws_shutdown_code = 1001
         self.clock = loop.time()
         self._header_options = (config.server_header, config.date_header, config.header_pairs())
         self.default_lines: list[tuple[bytes, bytes]] = []

@@ -9,6 +9,9 @@ after `--max-requests`, when one dies or stops sending its heartbeat). Each work
   blocked for longer than `--timeout` is killed and replaced, while a busy one is not;
 - signals: `TERM` graceful shutdown, `INT`/`QUIT` quick shutdown, `USR1` reopen the log files,
   `ABRT` (sent by the arbiter on a timeout) runs the `worker_abort` hook and exits;
+- open WebSockets close with 1012 (service restart) when the worker leaves by itself
+  (`--max-requests`, gunicorn's `--reload`), and with 1001 (going away) on `TERM`, which the
+  arbiter sends both to stop and to replace workers (`HUP`): the worker cannot tell which;
 - exit status 3 (`WORKER_BOOT_ERROR`) when the application fails to start, so the arbiter stops
   instead of starting failing workers forever;
 - exit when the arbiter is gone (the parent pid changed), as gunicorn's own workers do.
@@ -199,8 +202,8 @@ class FulmenWorker(Worker):  # type: ignore[misc]  # gunicorn has no type inform
                 if self.ppid != os.getppid():
                     self.log.info("Parent changed, shutting down: %s", self)
                     server.should_exit = True
-                elif not self.alive:
-                    server.should_exit = True
+                elif not self.alive:  # gunicorn's reloader: a restart
+                    server.restart()
             await asyncio.sleep(interval)
 
     def route_logging(self) -> None:

@@ -75,7 +75,7 @@ async def wait_forever(recorder: Recorder) -> None:
 
 
 def ignores_disconnect(recorder: Recorder) -> Callable[..., Awaitable[None]]:
-    """Receives the 1012 disconnect, then goes on waiting."""
+    """Receives the 1001 disconnect, then goes on waiting."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
@@ -100,7 +100,7 @@ def never_receives(recorder: Recorder) -> Callable[..., Awaitable[None]]:
     [
         pytest.param(
             ignores_disconnect,
-            [{"type": "websocket.disconnect", "code": 1012, "reason": ""}, "cancelled"],
+            [{"type": "websocket.disconnect", "code": 1001, "reason": ""}, "cancelled"],
             id="ignores-disconnect",
         ),
         pytest.param(never_receives, ["cancelled"], id="never-receives"),
@@ -110,7 +110,7 @@ def never_receives(recorder: Recorder) -> Callable[..., Awaitable[None]]:
 def test_shutdown_cancels_an_app_that_never_finishes(
     serve_one: Any, engine: str, make_app: Any, seen: list[Any]
 ) -> None:
-    """The client reads the 1012 close frame but never answers it, and the app never returns:
+    """The client reads the 1001 close frame but never answers it, and the app never returns:
     after `timeout_graceful_shutdown` the app's task is cancelled, the connection closed and
     the server stops."""
     recorder = Recorder()
@@ -119,7 +119,7 @@ def test_shutdown_cancels_an_app_that_never_finishes(
     with serve_one(make_app(recorder), **options) as srv, raw_client(srv) as reader:
         srv.server.should_exit = True
         shutdown = time.monotonic()
-        assert reader.close_code() == 1012
+        assert reader.close_code() == 1001
         assert reader.closed(), "the connection stayed open"  # EOF, within TIMEOUT
         closed = time.monotonic() - shutdown
     stopped = time.monotonic() - shutdown
@@ -276,8 +276,9 @@ def test_unexpected_message_raises(
 # 5. Accepted during the graceful shutdown
 
 
-def test_accept_during_shutdown_closes_with_1012(serve_ws: Any) -> None:
-    """The 101, then at once a close frame with 1012; the app sees the 1012 disconnect."""
+def test_accept_during_restart_closes_with_1012(serve_ws: Any) -> None:
+    """The 101, then at once a close frame with 1012 (a restart); the app sees the 1012
+    disconnect."""
     recorder = Recorder()
     connected = threading.Event()
     gate = asyncio.Event()
@@ -294,7 +295,7 @@ def test_accept_during_shutdown_closes_with_1012(serve_ws: Any) -> None:
         reader = FrameReader(sock)
         sock.sendall(handshake())
         assert connected.wait(TIMEOUT)
-        srv.server.should_exit = True
+        srv.server.restart()
         poll_until(lambda: bool(srv.server.state.shutting_down), "the shutdown did not start")
         open_gate(srv, gate)
         reader.handshake()

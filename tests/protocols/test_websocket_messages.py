@@ -567,15 +567,43 @@ def test_frames_read_before_the_accept_are_kept(serve_ws: Any) -> None:
 # 11. Graceful shutdown
 
 
-def test_graceful_shutdown_closes_with_1012(serve_ws: Any) -> None:
+@pytest.mark.parametrize(("restart", "code"), [(False, 1001), (True, 1012)])
+def test_graceful_shutdown_closes_with_1001_or_1012(
+    serve_ws: Any, restart: bool, code: int
+) -> None:
+    """A shutdown closes with 1001 (going away), a restart with 1012 (service restart)."""
     app = EchoApp()
     with serve_ws(app) as srv:
         with client(srv) as ws:
             ws.send("hi")
             assert ws.recv(timeout=TIMEOUT) == "hi"
-            srv.server.should_exit = True
-            assert close_code(ws) == 1012
-        assert app.disconnect()["code"] == 1012
+            if restart:
+                srv.server.restart()  # as a supervisor replacing this server asks
+            else:
+                srv.server.should_exit = True
+            assert close_code(ws) == code
+        assert app.disconnect()["code"] == code
         leaving = time.monotonic()
     # The client answered the close frame: the server stops without waiting out a timeout.
     assert time.monotonic() - leaving < 2.0
+
+
+def test_request_limit_closes_with_1012(serve_ws: Any) -> None:
+    """`limit_max_requests` ends the server to be restarted: open WebSockets get 1012."""
+    echo = EchoApp()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await echo(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    with serve_ws(app, limit_max_requests=1) as srv, client(srv) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=TIMEOUT) == "hi"
+        with srv.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # the one request allowed
+            assert sock.recv(100).startswith(b"HTTP/1.1 204 ")
+            assert close_code(ws) == 1012
+    assert echo.disconnect()["code"] == 1012

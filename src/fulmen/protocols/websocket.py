@@ -304,7 +304,7 @@ class WebSocketSession:
                 client, target = access_fields(self.scope)
                 access_logger.info('%s - "WebSocket %s" [accepted]', client, target)
         if server.shutting_down and self.phase is OPEN:  # accepted during a graceful shutdown
-            self._close(1012, "")
+            self._close(server.ws_shutdown_code, "")
 
     # Frames from the driver, once accepted
 
@@ -433,6 +433,7 @@ class WebSocketSession:
             self.pong_due = server.clock + server.ws_ping_timeout
 
     def shutdown(self) -> None:
-        """Graceful shutdown: close with 1012 (service restart); the app sees the disconnect."""
+        """Graceful shutdown: close with 1001 (going away), or 1012 (service restart) when the
+        server restarts; the app sees the disconnect."""
         if self.phase is OPEN:
-            self._close(1012, "")
+            self._close(self.server.ws_shutdown_code, "")

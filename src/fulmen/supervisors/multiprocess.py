@@ -44,7 +44,7 @@ from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
 from fulmen.logging import configure_from
 from fulmen.metrics import EndpointThread, WorkerTotals
-from fulmen.server import Server
+from fulmen.server import RESTART_SIGNALS, Server
 from fulmen.sockets import describe, remove_socket_files
 from fulmen.supervisors import listen_once
 
@@ -72,6 +72,7 @@ class WorkerServer(Server):
     """The `Server` of one worker process: reports READY, answers pings from its loop."""
 
     announce = False  # the supervisor has logged the sockets once
+    restart_signals = RESTART_SIGNALS
 
     def __init__(self, config: Config, conn: Connection) -> None:
         self._conn = conn
@@ -467,9 +468,11 @@ class Multiprocess:
             worker.kill_at = time.monotonic() + graceful + STOP_GRACE
 
     def _stop(self, worker: Worker, reason: str) -> None:
+        """Stop one worker while the others serve on: a restart (its WebSockets close with
+        1012, service restart, so their clients reconnect to the others)."""
         logger.info("Stopping worker process [%d] (%s).", worker.pid, reason)
         self._mark_stopping(worker)
-        _signal(worker, signal.SIGTERM)
+        _signal(worker, RESTART_SIGNALS[0] if RESTART_SIGNALS else signal.SIGTERM)
 
     def _kill(self, worker: Worker) -> None:
         worker.killed = True

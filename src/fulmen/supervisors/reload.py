@@ -32,7 +32,7 @@ from typing import Protocol
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError
 from fulmen.logging import configure_from
-from fulmen.server import Server
+from fulmen.server import RESTART_SIGNALS, Server
 from fulmen.sockets import remove_socket_files
 from fulmen.supervisors import listen_once
 
@@ -242,6 +242,7 @@ def serve_child(config: Config, sockets: list[socket.socket]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = Server(config)
     server.announce = False  # the reload supervisor has logged the sockets once
+    server.restart_signals = RESTART_SIGNALS  # a reload: WebSockets close with 1012
     try:
         server.run(sockets)
     except ImportFromStringError as exc:
@@ -326,7 +327,7 @@ class ChangeReload:
         while changes := self._next_changes(watcher):
             names = ", ".join(_display(path, self._cwd) for path in sorted(changes))
             logger.warning("%s detected changes in %s. Reloading...", watcher.name, names)
-            self._stop_child()
+            self._stop_child(restart=True)
             if not self.stop.value:
                 self._start()
 
@@ -368,15 +369,19 @@ class ChangeReload:
             process.exitcode,
         )
 
-    def _stop_child(self) -> None:
-        """Stop the server process gracefully (SIGTERM), killing it if it takes too long."""
+    def _stop_child(self, restart: bool = False) -> None:
+        """Stop the server process gracefully (SIGTERM; for a `restart`, the signal that
+        tells it so), killing it if it takes too long."""
         process, self.process = self.process, None
         if process is None:
             return
         if process.is_alive():
             self._stopping = process  # first: once the line below is out, a 2nd signal kills it
             logger.debug("Stopping server process [%d].", process.pid)
-            process.terminate()
+            if restart and RESTART_SIGNALS and process.pid is not None:
+                os.kill(process.pid, RESTART_SIGNALS[0])
+            else:
+                process.terminate()
             timeout = self.config.timeout_graceful_shutdown
             process.join(None if timeout is None else timeout + STOP_GRACE)
             if process.is_alive():
