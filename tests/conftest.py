@@ -26,6 +26,9 @@ from fulmen import Config, Server
 from fulmen.loops import loop_factory
 
 TIMEOUT = 10.0  # the bound on every wait in the tests
+# Client sockets a test leaves open: closed as its server stops, before the server's graceful
+# shutdown, which would otherwise wait out its grace for clients that will never answer.
+CLIENT_SOCKETS: list[socket.socket] = []
 PASSWORD = "correct horse"  # of the test key's encrypted form (`Certs.encrypted_key`)
 
 
@@ -97,6 +100,8 @@ def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[Runnin
     try:
         yield RunningServer(server, sock, handler)
     finally:
+        while CLIENT_SOCKETS:
+            CLIENT_SOCKETS.pop().close()
         server.should_exit = True
         thread.join(TIMEOUT)
         for name in ("fulmen", "fulmen.access"):

@@ -15,9 +15,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from tests.conftest import TIMEOUT
+from tests.conftest import CLIENT_SOCKETS, TIMEOUT
 
-OPEN: list[socket.socket] = []  # closed after each test by the `h2_sockets` fixture (conftest)
+OPEN = CLIENT_SOCKETS  # closed as the test's server stops
 
 
 @dataclass

@@ -4,6 +4,7 @@ SETTINGS, flow control of request and response bodies, and the client's GOAWAY."
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import hpack
@@ -277,3 +278,56 @@ def test_client_goaway_with_an_error_closes_at_once(server, loop: str) -> None:
     assert b"".join(m.get("body", b"") for m in app.received) == b"abc"
     assert not peer.of(HEADERS, 1) and not peer.of(GOAWAY)
     healthy(srv)
+
+
+# Graceful shutdown (RFC 9113 §6.8)
+
+SHUTDOWN_PING = (6, 0, 0, b"shutdown")  # (PING, no flags, stream 0, its opaque data)
+
+
+def goaways(peer: Any) -> list[tuple[int, int]]:
+    """(last stream id, error code) of each GOAWAY received."""
+    fields = (struct.unpack_from(">II", payload) for payload in peer.of(GOAWAY))
+    return [(last & 0x7FFFFFFF, code) for last, code in fields]
+
+
+@LOOPS
+def test_shutdown_serves_the_streams_sent_before_the_client_saw_it(server, loop: str) -> None:
+    """First a GOAWAY naming stream 2^31-1 and a PING: a request the client sent before it read
+    them is served. Once the PING is answered, the final GOAWAY names that stream; streams
+    opened after it are refused, and the connection closes once the served one is done."""
+    srv, app = server(loop=loop)
+    peer = open_peer(srv)
+    peer.send(peer.req(1))
+    assert peer.response(1) == (200, b"")
+    srv.server.should_exit = True
+    assert peer.read_until(lambda frames: SHUTDOWN_PING in frames)
+    assert goaways(peer) == [(2**31 - 1, NO_ERROR)]
+    peer.send(peer.req(3, HOLD))  # on its way as the GOAWAY arrived
+    peer.sync()  # stream 3 is open before the PING is answered
+    peer.send(PingFrame(0, b"shutdown", flags=["ACK"]))
+    assert peer.read_until(lambda frames: len(goaways(peer)) == 2)
+    assert goaways(peer)[1] == (3, NO_ERROR)
+    peer.send(peer.req(5))
+    assert peer.read_until(lambda frames: bool(peer.resets()))
+    assert peer.resets() == {5: REFUSED_STREAM}
+    assert not peer.closed and app.held == 1
+    release(srv, app)
+    assert peer.response(3) == (200, b"")
+    assert peer.wait_closed()
+
+
+@LOOPS
+def test_shutdown_closes_an_idle_connection_after_the_grace(server, loop: str) -> None:
+    """A client that does not answer the PING gets the final GOAWAY after the 1 s grace."""
+    srv, _ = server(loop=loop)
+    peer = open_peer(srv)
+    peer.send(peer.req(1))
+    assert peer.response(1) == (200, b"")
+    srv.server.should_exit = True
+    assert peer.read_until(lambda frames: SHUTDOWN_PING in frames)
+    began = time.monotonic()
+    assert peer.read_until(lambda frames: len(goaways(peer)) == 2)
+    assert time.monotonic() - began > 0.8
+    assert goaways(peer) == [(2**31 - 1, NO_ERROR), (1, NO_ERROR)]
+    assert peer.wait_closed()

@@ -321,7 +321,11 @@ def test_graceful_shutdown_sends_goaway_and_finishes_the_stream(serve_one) -> No
         stream = client.request("/")
         assert client.until(lambda: client.responses[stream].status == 200)
         srv.server.should_exit = True
+        # First a GOAWAY naming no stream yet (2^31-1), then, once the client has answered
+        # the PING that came with it, the final one naming the last stream served.
         assert client.until(lambda: client.goaway is not None)
+        assert client.goaway.last_stream_id == 2**31 - 1
+        assert client.until(lambda: client.goaway.last_stream_id != 2**31 - 1)
         assert client.goaway.error_code == 0
         assert client.goaway.last_stream_id == stream
         loop_box[0].call_soon_threadsafe(release.set)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.http1 import H1Connection
+from fulmen.protocols.http2 import H2Connection
 
 if TYPE_CHECKING:
     from fulmen.state import ServerState
@@ -36,8 +38,6 @@ def connection(state: ServerState, alpn: str | None = None) -> asyncio.Protocol:
     """The protocol that serves a new connection of the server whose state is `state`, given the
     TLS ALPN result `alpn` (None when there is none)."""
     if alpn == "h2" and state.http2 is not None:
-        from fulmen.protocols.http2 import H2Connection
-
         return H2Connection(state)
     return H1Connection(state)
 
@@ -64,9 +64,19 @@ class AfterHandshake(asyncio.Protocol):
 
 def enable_http2(state: ServerState) -> None:
     """Serve HTTP/2 on this server's connections (`--http2`)."""
-    from fulmen.protocols.http2 import take_over
-
     state.http2 = take_over
+
+
+def take_over(
+    state: ServerState, transport: asyncio.Transport, data: bytes, upgrade: Upgrade | None = None
+) -> None:
+    """Serve HTTP/2 on a cleartext connection that began as HTTP/1.1: `data` are the bytes
+    received and not handled yet (the connection preface, or what followed `upgrade`)."""
+    protocol = H2Connection(state, upgrade)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if data and not transport.is_closing():
+        protocol.data_received(data)
 
 
 def negotiated(transport: asyncio.BaseTransport) -> str | None:

@@ -3,7 +3,7 @@ client with prior knowledge (RFC 9113 §3.3), and the `Upgrade: h2c` request (RF
 
 Pure functions, nothing of the HTTP/2 connection imported (only its frame layer's rules for
 SETTINGS): `H1Connection` asks them, then hands the connection over through `state.http2`
-(`fulmen.protocols.http2.take_over`).
+(`fulmen.protocols.dispatch.take_over`).
 """
 
 from __future__ import annotations

@@ -91,7 +91,10 @@ class Receiver(Protocol):
         """The peer's SETTINGS (not an ACK): the connection must acknowledge them."""
 
     def on_ping(self, payload: bytes) -> None:
-        """A PING to answer (PING ACKs are not reported)."""
+        """A PING to answer."""
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        """The answer to a PING the connection sent."""
 
     def on_goaway(self, last_stream_id: int, code: int) -> None: ...
 
@@ -263,7 +266,9 @@ class FrameReader:
             raise ConnectionFailure(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
         if len(payload) != 8:
             raise ConnectionFailure(ErrorCode.FRAME_SIZE_ERROR, "PING size")
-        if not flags & ACK:
+        if flags & ACK:
+            self.target.on_ping_ack(payload)
+        else:
             self.target.on_ping(payload)
 
     def _goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -369,6 +374,10 @@ def rst_stream(stream_id: int, code: int) -> bytes:
 
 def goaway(last_stream_id: int, code: int) -> bytes:
     return frame(GOAWAY, 0, 0, _U32X2.pack(last_stream_id, code))
+
+
+def ping(payload: bytes) -> bytes:
+    return frame(PING, 0, 0, payload)
 
 
 def ping_ack(payload: bytes) -> bytes:

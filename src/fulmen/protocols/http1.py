@@ -26,7 +26,7 @@ from fulmen.protocols.fields import content_length as app_content_length
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, websocket_upgrade
 from fulmen.protocols.h2c import Upgrade
-from fulmen.protocols.linger import linger
+from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
@@ -57,10 +57,6 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _EARLY_HINT: dict[str, object] = {}  # the extension's (empty) entry, shared by every scope
 # Above this many buffered body bytes the app has not received, stop reading the socket.
 HIGH_WATER = 65536
-# Seconds an idle keep-alive connection stays open once the server shuts down: a client under
-# load sends its next request within milliseconds of the last response, so it gets it answered
-# (with `connection: close`) instead of a closed socket. Documented in docs/behaviour.md.
-SHUTDOWN_GRACE = 1.0
 
 
 class H1Connection(asyncio.Protocol):
@@ -593,7 +589,7 @@ class H1Connection(asyncio.Protocol):
             # The client may still be sending (a body over the limit): it reads the status
             # rather than a reset.
             self._release()
-            linger(self.transport, self.state.loop)
+            linger(self.transport, self.state)
             return
         self.transport.close()
 

@@ -40,6 +40,7 @@ from fulmen.protocols.h2frames import (
     FrameReader,
     goaway,
     header_frames,
+    ping,
     ping_ack,
     rst_stream,
     server_preface,
@@ -47,6 +48,7 @@ from fulmen.protocols.h2frames import (
 )
 from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
+from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.scope import endpoints, http_scope
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
@@ -70,6 +72,8 @@ CONTROL_PER_TICK = 1000
 EMPTY_DATA_PER_TICK = 1000
 CLOSED_DATA_PER_TICK = 100
 _REMEMBERED_RESETS = 1024  # streams we reset, whose late frames are ignored (RFC 9113 §5.1)
+_LAST_STREAM = 2**31 - 1  # the first GOAWAY of a graceful shutdown names no stream yet (§6.8)
+_SHUTDOWN_PING = b"shutdown"  # its PING: once answered, no stream opened before it is on the way
 
 
 class H2Connection(asyncio.Protocol):
@@ -83,6 +87,7 @@ class H2Connection(asyncio.Protocol):
         self.out: list[bytes] = []  # frames to write
         self.write_paused = False
         self.batching = False  # a write is due at the end of this loop iteration
+        self.draining = False  # shutting down: GOAWAY and PING sent, streams still served
         self.closing = False  # GOAWAY sent: no new streams
         self.failed = False  # a connection error: nothing more is read or sent
         self.deadline = 0.0
@@ -198,9 +203,12 @@ class H2Connection(asyncio.Protocol):
                 self.transport.write(data)
 
     def _close(self) -> None:
-        """Close the connection after the frames queued so far."""
+        """Close the connection after the frames queued so far; frames the client still sends
+        meanwhile are read and dropped, so that they do not turn into a reset under the GOAWAY
+        (`fulmen.protocols.linger`)."""
         self._write()
-        self.transport.close()
+        self.state.connections.discard(self)  # the lingering transport is no longer ours
+        linger(self.transport, self.state)
 
     def send_headers(self, stream_id: int, fields: list[bytes], end: bool) -> None:
         """Queue a header block on `stream_id` (HEADERS, and CONTINUATION if it is large):
@@ -427,6 +435,11 @@ class H2Connection(asyncio.Protocol):
         self._control()
         self.out.append(ping_ack(payload))
 
+    def on_ping_ack(self, payload: bytes) -> None:
+        self._control()
+        if payload == _SHUTDOWN_PING:
+            self._last_goaway()
+
     def _control(self) -> None:
         self.control += 1
         if self.control > CONTROL_PER_TICK:
@@ -586,25 +599,26 @@ class H2Connection(asyncio.Protocol):
         ]
 
     def shutdown(self) -> None:
-        """GOAWAY with the last stream we will serve; close once those streams are done
-        (RFC 9113 §6.8: the streams in flight still finish)."""
+        """Graceful shutdown in two steps (RFC 9113 §6.8), for requests may be on their way:
+        GOAWAY naming no stream yet, and a PING. Streams the client opens meanwhile are served.
+        Once the PING comes back (every frame sent before it is in), or after `SHUTDOWN_GRACE`,
+        the final GOAWAY names the last stream served; the connection closes once those
+        streams are done."""
+        for session in self._sessions():
+            session.shutdown()
+        if self.draining or self.closing:
+            return
+        self.draining = True
+        self.out += goaway(_LAST_STREAM, ErrorCode.NO_ERROR), ping(_SHUTDOWN_PING)
+        self._write()
+        self.state.loop.call_later(SHUTDOWN_GRACE, self._last_goaway)
+
+    def _last_goaway(self) -> None:
         if not self.closing:
             self.closing = True
             self.out.append(goaway(self.last_served, ErrorCode.NO_ERROR))
-            self._write()
-        for session in self._sessions():
-            session.shutdown()
-        if not self.streams:
-            self._close()
+            if self.streams:
+                self._write()
+            else:
+                self._close()
 
-
-def take_over(
-    state: ServerState, transport: asyncio.Transport, data: bytes, upgrade: Upgrade | None = None
-) -> None:
-    """Serve HTTP/2 on a cleartext connection that began as HTTP/1.1: `data` are the bytes
-    received and not handled yet (the connection preface, or what followed `upgrade`)."""
-    protocol = H2Connection(state, upgrade)
-    transport.set_protocol(protocol)
-    protocol.connection_made(transport)
-    if data and not transport.is_closing():
-        protocol.data_received(data)

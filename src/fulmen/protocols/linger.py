@@ -12,20 +12,33 @@ the client sees `connection reset by peer` instead of the 413 or 400 it was sent
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from fulmen.state import ServerState
+
+# Seconds an idle keep-alive connection stays open once the server shuts down: a client under
+# load sends its next request within milliseconds of the last response, so it gets it answered
+# (HTTP/1.1: with `connection: close`) instead of a closed socket. See docs/behaviour.md.
+SHUTDOWN_GRACE = 1.0
 LINGER_SECONDS = 5.0  # the longest a closing connection is kept to drain the client's bytes
 LINGER_BYTES = 4 * 1024 * 1024  # the most that is read and dropped
 
 
 class Lingering(asyncio.Protocol):
-    """The protocol of a half-closed connection: drops what it reads, closes at the bounds."""
+    """The protocol of a half-closed connection: drops what it reads, closes at the bounds.
+    It counts among the server's connections, so a graceful shutdown waits for it, at most
+    `SHUTDOWN_GRACE` seconds."""
 
-    __slots__ = ("left", "timer", "transport")
+    __slots__ = ("left", "state", "timer", "transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, state: ServerState) -> None:
         self.transport = transport
+        self.state = state
         self.left = LINGER_BYTES
-        self.timer = loop.call_later(LINGER_SECONDS, transport.close)
+        seconds = SHUTDOWN_GRACE if state.shutting_down else LINGER_SECONDS
+        self.timer = state.loop.call_later(seconds, transport.close)
+        state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.left -= len(data)
@@ -37,9 +50,18 @@ class Lingering(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
+        self.state.connections.discard(self)
+
+    def check_timeout(self, now: float) -> None:
+        """The timer bounds it already."""
+
+    def shutdown(self) -> None:
+        if self.timer.when() - self.state.loop.time() > SHUTDOWN_GRACE:
+            self.timer.cancel()
+            self.timer = self.state.loop.call_later(SHUTDOWN_GRACE, self.transport.close)
 
 
-def linger(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+def linger(transport: asyncio.Transport, state: ServerState) -> None:
     """Close `transport` after what was written to it, without resetting the connection under
     a client that is still sending; its protocol is replaced, and hears nothing more."""
     if transport.is_closing():
@@ -48,5 +70,5 @@ def linger(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> Non
         transport.close()
         return
     transport.write_eof()
-    transport.set_protocol(Lingering(transport, loop))
+    transport.set_protocol(Lingering(transport, state))
     transport.resume_reading()
