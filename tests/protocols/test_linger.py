@@ -15,6 +15,7 @@ import pytest
 
 from fulmen.protocols import linger
 from tests.conftest import TIMEOUT
+from tests.protocols.http1_raw import in_loop, poll_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,3 +103,65 @@ def test_lingering_ends_at_the_client_close(serve_one, monkeypatch) -> None:
         assert not lost.is_set()  # half-closed: the server still reads
         sock.close()
         assert lost.wait(TIMEOUT)
+
+
+async def answers_unread(scope: Any, receive: Any, send: Any) -> None:
+    """Answers at once, reading none of the body (as an app refusing an upload does)."""
+    await send({"type": "http.response.start", "status": 403})
+    await send({"type": "http.response.body", "body": b"no"})
+
+
+def test_a_response_before_the_body_reaches_a_client_still_sending(serve) -> None:
+    """The app answers before the body has arrived: the connection closes (its unread body
+    cannot be skipped), lingering, so the client reads the 403 instead of a reset."""
+    with serve(answers_unread) as srv:
+        for _ in range(3):
+            received, error, closed = _upload(srv.port, 50_000_000)
+            assert received.startswith(b"HTTP/1.1 403 "), (received[:60], error)
+            assert error is None and closed
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+def test_an_idle_connection_closed_at_the_keep_alive_timeout_lingers(serve_one) -> None:
+    """The keep-alive timeout closes by half-closing: a request the client sends as it
+    happens is not answered with a reset; the connection ends when the client closes."""
+    with serve_one(hello, timeout_keep_alive=1) as srv:
+        state = srv.server.state
+        with srv.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+            assert sock.recv(4096) == b""  # the server's FIN, after the timeout
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")  # read and dropped
+            kinds = in_loop(srv, lambda: [type(c) for c in state.connections])
+            assert kinds == [linger.Lingering]  # until the client closes
+        poll_until(lambda: not in_loop(srv, lambda: len(state.connections)), "still open")
+
+
+class _ResetTransport:
+    """A transport whose client has reset the connection between the last read and the
+    close (a race a test cannot time over a socket): `write_eof` fails with ENOTCONN."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_connection_reset_before_the_half_close_is_aborted() -> None:
+    transport = _ResetTransport()
+    linger.linger(transport, None)  # type: ignore[arg-type]  # not reached: no Lingering
+    assert transport.aborted

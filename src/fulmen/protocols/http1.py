@@ -88,6 +88,7 @@ class H1Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "client_closes",
         "cycle",
         "deadline",
         "driving",
@@ -118,6 +119,7 @@ class H1Connection(asyncio.Protocol):
         self.next: RequestCycle | None = None  # the first request waiting for its turn
         self.pipeline: deque[RequestCycle] | None = None  # requests queued behind `next`
         self.last: RequestCycle | None = None  # the connection closes after its response
+        self.client_closes = False  # `last` is so because the client said it sends no more
         self.idle = True
         self.served = False  # a response was written: an idle connection is between requests
         self.driving = False
@@ -303,6 +305,7 @@ class H1Connection(asyncio.Protocol):
             cycle = RequestCycle(state, self, scope, has_body, expect)
             if not keep_alive(version, connection):
                 self.last = cycle
+                self.client_closes = True
         self.parsing = cycle if has_body else None
         if self.next is None:
             self.next = cycle
@@ -534,7 +537,7 @@ class H1Connection(asyncio.Protocol):
         cycle = self.cycle
         state = self.state
         if cycle is self.last or cycle is self.parsing or state.shutting_down:
-            self.transport.close()
+            self._close(cycle is not self.last or not self.client_closes)
             return
         self.cycle = None
         self.served = True
@@ -593,11 +596,20 @@ class H1Connection(asyncio.Protocol):
             return
         self.transport.close()
 
+    def _close(self, lingering: bool = True) -> None:
+        """Close, `lingering` (`fulmen.protocols.linger`) unless the client said it sends
+        nothing more and nothing it sent is left unread."""
+        if lingering or self.flow.read_paused or self.parsing is not None or self.next is not None:
+            self._release()
+            linger(self.transport, self.state)
+        else:
+            self.transport.close()
+
     def check_timeout(self, now: float) -> None:
         """Called by the server tick: close a connection idle or stalled past its deadline."""
         if self.deadline and now >= self.deadline:
             if self.idle:
-                self.transport.close()
+                self._close()
             else:
                 self.reject(408, "Request Timeout")
 
@@ -620,4 +632,4 @@ class H1Connection(asyncio.Protocol):
     def _close_idle(self) -> None:
         """The shutdown grace is over: close the connection unless a request came meanwhile."""
         if self.idle and self.cycle is None and not self.taken_over:
-            self.transport.close()
+            self._close()

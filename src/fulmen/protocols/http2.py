@@ -621,4 +621,3 @@ class H2Connection(asyncio.Protocol):
                 self._write()
             else:
                 self._close()
-

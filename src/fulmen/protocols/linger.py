@@ -1,6 +1,7 @@
 """Lingering close, as nginx and Apache do it: a connection closed while the client may still
 be sending (an error response to a request whose body is arriving, a `connection: close`
-response to pipelined requests) is half-closed first, and what the client sends after it is
+response to a keep-alive client, an idle connection at its timeout or after the shutdown grace,
+an HTTP/2 connection after its GOAWAY) is half-closed first, and what the client sends after it is
 read and dropped until the client closes its side, or a bound in bytes or time is reached.
 
 Closing a socket outright with unread bytes in its receive buffer makes the kernel send a TCP
@@ -69,6 +70,10 @@ def linger(transport: asyncio.Transport, state: ServerState) -> None:
     if not transport.can_write_eof():
         transport.close()
         return
-    transport.write_eof()
+    try:
+        transport.write_eof()
+    except OSError:  # the client has reset the connection already
+        transport.abort()
+        return
     transport.set_protocol(Lingering(transport, state))
     transport.resume_reading()
