@@ -23,6 +23,7 @@ from fulmen import Config
 from fulmen.tls import ALPN_PROTOCOLS, TLSError, create_ssl_context
 from tests.conftest import PASSWORD, TIMEOUT, Certs
 from tests.helpers import Fulmen, messages, record_logs, run_fulmen
+from tests.protocols.http1_raw import in_loop, poll_until
 
 
 async def scheme_app(scope: Any, receive: Any, send: Any) -> None:
@@ -225,6 +226,20 @@ def test_request_header_timeout_applies_over_tls(serve_tls, certs) -> None:
         elapsed = time.monotonic() - started
     assert data.startswith(b"HTTP/1.1 408 ")
     assert 0.9 <= elapsed < 6, elapsed
+
+
+def test_a_handshake_under_way_at_shutdown_is_served(serve_tls, certs) -> None:
+    """A connection accepted before the listener closed, its handshake not done yet, is not
+    cut: the shutdown waits for the handshake (bounded), then answers its request."""
+    with serve_tls(scheme_app) as srv, srv.connect() as raw:
+        state = srv.server.state
+        poll_until(lambda: in_loop(srv, lambda: len(state.handshaking)) == 1, "not accepted")
+        srv.server.should_exit = True
+        poll_until(lambda: "Shutting down" in srv.messages(), "no shutdown")
+        with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            data = read_until_closed(tls)
+    assert data.startswith(b"HTTP/1.1 200 ")
 
 
 def test_graceful_shutdown_waits_for_a_tls_request(certs) -> None:

@@ -25,6 +25,7 @@ from fulmen.loops import run as run_loop
 from fulmen.metrics import Metrics, start_endpoint
 from fulmen.middleware.message_logger import log_messages
 from fulmen.protocols import dispatch, proxy_protocol
+from fulmen.protocols.linger import SHUTDOWN_GRACE
 from fulmen.protocols.proxy_tls import ProxyTLSListener
 from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
@@ -191,7 +192,7 @@ class Server:
         # `dispatch` chooses each connection's protocol: as the loop accepts it, or, over TLS
         # with HTTP/2 on, after the handshake (by its ALPN result).
         factory: Callable[[], asyncio.Protocol] = functools.partial(dispatch.connection, self.state)
-        if ssl_context is not None and config.use_http2:
+        if ssl_context is not None:  # the protocol is chosen once the handshake is done
             factory = functools.partial(dispatch.tls_connection, self.state)
         if config.proxy_protocol:  # off: nothing runs before the connection's protocol
             factory = proxy_protocol.connection_factory(self.state, config.trusted_hosts)
@@ -264,6 +265,7 @@ class Server:
         # shut down like the others (its request served) rather than closed unread.
         for _ in range(ACCEPT_SETTLE_ITERATIONS):
             await asyncio.sleep(0)
+        await self._wait_for_handshakes()
         state.shutting_down = True
         state.ws_shutdown_code = 1012 if self.restarting else 1001
         for conn in list(state.connections):
@@ -281,6 +283,16 @@ class Server:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         remove_socket_files(self._socket_files)
+
+    async def _wait_for_handshakes(self) -> None:
+        """TLS connections accepted before the listeners closed become connections once their
+        handshake is done (milliseconds): wait for them, at most `SHUTDOWN_GRACE`, so that
+        they are shut down like the others, their request answered, not cut unseen."""
+        state = self.state
+        assert state is not None
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE
+        while state.handshaking and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
 
     async def _wait_for_connections(self) -> None:
         state = self.state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -93,6 +94,8 @@ class ServerState:
             if self.access_format.timed:
                 self.app = timed_app(app)
         self.connections: set[Connection] = set()
+        # TLS connections accepted, their handshake not done (`dispatch.AfterHandshake`).
+        self.handshaking: weakref.WeakSet[asyncio.Protocol] = weakref.WeakSet()
         self.tasks: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False

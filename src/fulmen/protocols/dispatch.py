@@ -49,14 +49,18 @@ def tls_connection(state: ServerState) -> asyncio.Protocol:
 
 class AfterHandshake(asyncio.Protocol):
     """Stands in for the connection's protocol until the TLS handshake is done, then hands the
-    transport to the protocol its ALPN result asks for."""
+    transport to the protocol its ALPN result asks for. Until then it is in
+    `state.handshaking`, for a graceful shutdown to wait for (a handshake that fails drops it:
+    asyncio tells the protocol nothing then, and the set holds it weakly)."""
 
-    __slots__ = ("state",)
+    __slots__ = ("__weakref__", "state")
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        state.handshaking.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.state.handshaking.discard(self)
         protocol = connection(self.state, negotiated(transport))
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
