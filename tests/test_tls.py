@@ -242,6 +242,21 @@ def test_a_handshake_under_way_at_shutdown_is_served(serve_tls, certs) -> None:
     assert data.startswith(b"HTTP/1.1 200 ")
 
 
+def test_closes_over_tls_release_the_connection_once(serve_tls, certs, caplog) -> None:
+    """TLS cannot half-close: an error response and a keep-alive timeout close at once, and
+    the connection is released once, by `connection_lost` (nothing logged by the loop)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with serve_tls(scheme_app, limit_request_body=10, timeout_keep_alive=1) as srv:
+        with tls_connect(srv.port, certs.context()) as tls:
+            tls.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n")
+            assert read_until_closed(tls).startswith(b"HTTP/1.1 413 ")
+        with tls_connect(srv.port, certs.context()) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            assert read_until_closed(tls).endswith(b"https")  # closed at the timeout
+        poll_until(lambda: not in_loop(srv, lambda: len(srv.server.state.connections)), "open")
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 def test_graceful_shutdown_waits_for_a_tls_request(certs) -> None:
     args = ("--ssl-certfile", certs.cert, "--ssl-keyfile", certs.key, "--lifespan", "off")
     with Fulmen("tests.apps:app", *args) as server:

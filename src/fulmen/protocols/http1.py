@@ -591,8 +591,8 @@ class H1Connection(asyncio.Protocol):
             self.transport.write(wire.simple_response(status, body, lines))
             # The client may still be sending (a body over the limit): it reads the status
             # rather than a reset.
-            self._release()
-            linger(self.transport, self.state)
+            if linger(self.transport, self.state):
+                self._release()
             return
         self.transport.close()
 
@@ -600,8 +600,8 @@ class H1Connection(asyncio.Protocol):
         """Close, `lingering` (`fulmen.protocols.linger`) unless the client said it sends
         nothing more and nothing it sent is left unread."""
         if lingering or self.flow.read_paused or self.parsing is not None or self.next is not None:
-            self._release()
-            linger(self.transport, self.state)
+            if linger(self.transport, self.state):
+                self._release()  # else connection_lost does it
         else:
             self.transport.close()
 

@@ -207,8 +207,8 @@ class H2Connection(asyncio.Protocol):
         meanwhile are read and dropped, so that they do not turn into a reset under the GOAWAY
         (`fulmen.protocols.linger`)."""
         self._write()
-        self.state.connections.discard(self)  # the lingering transport is no longer ours
-        linger(self.transport, self.state)
+        if linger(self.transport, self.state):
+            self.state.connections.discard(self)  # the lingering transport is no longer ours
 
     def send_headers(self, stream_id: int, fields: list[bytes], end: bool) -> None:
         """Queue a header block on `stream_id` (HEADERS, and CONTINUATION if it is large):

@@ -62,18 +62,21 @@ class Lingering(asyncio.Protocol):
             self.timer = self.state.loop.call_later(SHUTDOWN_GRACE, self.transport.close)
 
 
-def linger(transport: asyncio.Transport, state: ServerState) -> None:
+def linger(transport: asyncio.Transport, state: ServerState) -> bool:
     """Close `transport` after what was written to it, without resetting the connection under
-    a client that is still sending; its protocol is replaced, and hears nothing more."""
+    a client that is still sending. True: it lingers, its protocol replaced (the old one hears
+    nothing more); False: it was closed at once (TLS, or reset by the client already), and its
+    protocol's `connection_lost` follows as usual."""
     if transport.is_closing():
-        return
+        return False
     if not transport.can_write_eof():
         transport.close()
-        return
+        return False
     try:
         transport.write_eof()
     except OSError:  # the client has reset the connection already
         transport.abort()
-        return
+        return False
     transport.set_protocol(Lingering(transport, state))
     transport.resume_reading()
+    return True
