@@ -136,6 +136,16 @@ class Config:
     timeout_request_header: float = option(
         10.0, "Close connections whose request head is not complete after this many seconds."
     )
+    timeout_request_body: float = option(
+        30.0,
+        "Seconds the app may wait in receive() for body bytes that do not come (or come slower "
+        "than 500 bytes/s past that grace) before the request ends with 408. 0: no limit.",
+    )
+    timeout_send: float = option(
+        30.0,
+        "Close a connection whose client has read nothing of the response for this many "
+        "seconds, its write buffer full. 0: no limit.",
+    )
     timeout_graceful_shutdown: float | None = option(
         30.0,
         "Seconds to let in-flight requests finish on shutdown before cancelling them.",
@@ -275,6 +285,8 @@ class Config:
         if self.access_log_format is not None:
             AccessFormat(self.access_log_format)  # an unknown atom is a configuration error
         check_binding(self)  # TLS files and combinations are checked at startup (tls.py)
+        if self.timeout_request_body < 0 or self.timeout_send < 0:
+            raise ValueError("timeout_request_body and timeout_send must not be negative")
         if self.timeout_tls_handshake <= 0:
             raise ValueError("timeout_tls_handshake must be greater than 0")
         if self.env_file is not None:  # first, as uvicorn: it may set the variables below

@@ -65,6 +65,8 @@ class ServerState:
         self.root_path = config.root_path
         self.timeout_keep_alive = config.timeout_keep_alive
         self.timeout_request_header = config.timeout_request_header
+        self.timeout_request_body = config.timeout_request_body
+        self.timeout_send = config.timeout_send
         self.limit_concurrency = config.limit_concurrency or 0
         self.limit_max_requests = config.limit_max_requests or 0
         self.limit_request_body = config.limit_request_body

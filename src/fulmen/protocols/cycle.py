@@ -32,6 +32,9 @@ logger = logging.getLogger("fulmen.error")
 access_logger = logging.getLogger("fulmen.access")
 
 Headers = Iterable[tuple[bytes, bytes]]
+# Past `--timeout-request-body` of waiting, a body must keep coming at this average rate (as
+# Apache's mod_reqtimeout MinRate): a byte every few seconds cannot hold a request open.
+MIN_BODY_RATE = 500  # bytes per second
 _ERROR_500 = b"Internal Server Error"
 _PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -96,6 +99,18 @@ TRAILERS = Phase.TRAILERS
 DONE = Phase.DONE
 
 
+class BodyWatch:
+    """How a request body arrives while the app waits for it, seen at the server ticks."""
+
+    __slots__ = ("idle", "mark", "seen", "waited")
+
+    def __init__(self, now: float, received: int) -> None:
+        self.seen = now  # the last tick that found the app waiting (0: not waiting then)
+        self.mark = received  # body bytes received by then
+        self.idle = 0.0  # seconds of waiting with no byte
+        self.waited = 0.0  # seconds of waiting in all
+
+
 class RequestCycle:
     websocket = False  # a WebSocket handshake (`fulmen.protocols.websocket.WebSocketRequest`)
 
@@ -116,6 +131,7 @@ class RequestCycle:
         "task",
         "trailers",
         "waiter",
+        "watch",
     )
 
     def __init__(
@@ -144,6 +160,8 @@ class RequestCycle:
         self.trailers: list[tuple[bytes, bytes]] | None = None  # collected, if announced
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        # `watch` (BodyWatch) is set by the first tick that finds the app waiting for body:
+        # left unset until then, it costs a request nothing.
 
     # Events from the protocol
 
@@ -165,6 +183,37 @@ class RequestCycle:
         if waiter is not None:
             self.waiter = None
             wake(waiter)
+
+    def body_timed_out(self, now: float) -> bool:
+        """Server tick: whether the client sends the body too slowly. Only time the app
+        spends waiting in `receive()` counts: none must pass `--timeout-request-body` with no
+        byte, nor all of it `--timeout-request-body` plus one second per `MIN_BODY_RATE`
+        bytes received."""
+        limit = self.server.timeout_request_body
+        watch: BodyWatch | None = getattr(self, "watch", None)
+        if self.waiter is None or not self.more_body or not limit:
+            if watch is not None:
+                watch.seen = 0.0  # the app is busy (or the body is in): its time is its own
+            return False
+        received = self.body_received
+        if watch is None:
+            self.watch = BodyWatch(now, received)
+            return False
+        if watch.seen:
+            elapsed = now - watch.seen
+            watch.waited += elapsed
+            watch.idle = 0.0 if received > watch.mark else watch.idle + elapsed
+        watch.seen, watch.mark = now, received
+        return watch.idle >= limit or watch.waited >= limit + received / MIN_BODY_RATE
+
+    def time_out_body(self) -> None:
+        """The body comes too slowly: 408 (the connection, or the stream, then ends) if no
+        response was sent yet, else the response is cut. The app sees `http.disconnect`."""
+        if self.phase is START or self.phase is HEAD:
+            self.reject(408, b"Request Timeout")
+        elif self.phase is not DONE:
+            self.framer.abort()
+        self.on_disconnect()
 
     # ASGI
 
@@ -193,6 +242,8 @@ class RequestCycle:
         flow = self.framer.flow
         if flow.write_paused and not self.disconnected:
             await flow.drain()
+        if self.disconnected:  # the client is gone: the message is discarded
+            return
         kind = message["type"]
         phase = self.phase
         if phase is START:
@@ -212,8 +263,6 @@ class RequestCycle:
             return
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
-        if self.disconnected:
-            return
         # With trailers announced, the body does not end the response: they do.
         more = more_body or self.trailers is not None
         if phase is HEAD:

@@ -24,6 +24,29 @@ class Flow(Protocol):
     def drain(self) -> Awaitable[None]: ...
 
 
+class Stall:
+    """Whether a paused writer's peer reads nothing, checked at the server tick: progress is
+    what counts (what is waiting to be written shrinks), not how long the writing takes, so a
+    slow but steady reader is never cut off (`--timeout-send`)."""
+
+    __slots__ = ("since", "size")
+
+    def __init__(self) -> None:
+        self.since = 0.0  # when the writer was last seen paused with no progress since
+        self.size = 0  # what was waiting then
+
+    def check(self, now: float, paused: bool, size: int, limit: float) -> bool:
+        """`paused` with `size` bytes waiting at `now`: True once nothing moved for `limit`
+        (0: never)."""
+        if not paused or not limit:
+            self.since = 0.0
+            return False
+        if not self.since or size < self.size:
+            self.since = now
+        self.size = size
+        return now - self.since >= limit
+
+
 class FlowControl:
     """Read pause and write drain for one transport.
 
@@ -31,13 +54,25 @@ class FlowControl:
     mark; `drain()` then suspends the sender until `resume_writing()` or the connection is lost.
     """
 
-    __slots__ = ("_drain_waiter", "_transport", "read_paused", "write_paused")
+    __slots__ = ("_drain_waiter", "_stall", "_transport", "read_paused", "write_paused")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._stall: Stall | None = None  # made at the first tick that finds writing paused
         self.read_paused = False
         self.write_paused = False
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """Server tick: whether the client has read nothing for `limit` seconds while the
+        write buffer was full (0: never)."""
+        stall = self._stall
+        if stall is None:
+            if not self.write_paused or not limit:
+                return False
+            stall = self._stall = Stall()
+        size = self._transport.get_write_buffer_size()
+        return stall.check(now, self.write_paused, size, limit)
 
     def pause_reading(self) -> None:
         if not self.read_paused and not self._transport.is_closing():

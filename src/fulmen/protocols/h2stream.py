@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-from fulmen.protocols.cycle import Headers, RequestCycle
-from fulmen.protocols.flow import wake
+from fulmen.protocols.cycle import START, Headers, RequestCycle
+from fulmen.protocols.flow import Stall, wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
 from fulmen.protocols.h2frames import DATA, DEFAULT_WINDOW, END_STREAM, ErrorCode, frame
 from fulmen.protocols.hpack import encode_field
@@ -33,6 +33,7 @@ class Connection(Protocol):
     """What a stream needs of its HTTP/2 connection (`fulmen.protocols.http2.H2Connection`)."""
 
     state: ServerState
+    streams: dict[int, H2Stream]  # the open streams
     out: list[bytes]  # frames to write
     write_paused: bool  # the socket's write buffer is full
     blocked: set[H2Stream]  # streams whose body waits for send window
@@ -84,6 +85,7 @@ class H2Stream:
         "reset",
         "scope",
         "send_window",
+        "stall",
         "stream_id",
         "trailers",
         "tunnel",
@@ -113,6 +115,8 @@ class H2Stream:
         self.read_paused = False
         self.write_paused = conn.write_paused
         self.waiter: asyncio.Future[None] | None = None
+        # `stall` (Stall) is set by the first tick that finds response bytes waiting for
+        # window: left unset until then, it costs a stream nothing.
 
     # Framer
 
@@ -297,6 +301,37 @@ class H2Stream:
 
     # Events from the connection
 
+    def receive(self, data: bytes, length: int, end_stream: bool) -> None:
+        """DATA for this stream: `length` counts against its window (the padding included).
+        Beyond the window: RST_STREAM FLOW_CONTROL_ERROR; beyond --limit-request-body: 413
+        if the app has not answered yet (the stream is then done, and RST_STREAM NO_ERROR
+        stops the client), else RST_STREAM CANCEL. The app sees `http.disconnect`."""
+        conn = self.conn
+        if length > self.recv_window:
+            conn.give_credit(None, length)
+            conn.reset_stream(self, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        self.recv_window -= length
+        limit = conn.state.limit_request_body
+        cycle = self.cycle
+        if (
+            limit is not None
+            and self.tunnel is None  # a WebSocket's frames are no request body
+            and cycle is not None
+            and cycle.body_received + len(data) > limit
+        ):
+            conn.give_credit(None, length)
+            if cycle.phase is START:
+                cycle.reject(413, b"Request Entity Too Large")
+            cycle.on_disconnect()
+            if self.stream_id in conn.streams:  # not ended by the 413
+                conn.reset_stream(self, ErrorCode.CANCEL)
+            return
+        if length:
+            self.on_data(data, length)
+        if end_stream:
+            self.on_end()
+
     def on_data(self, data: bytes, flow_controlled: int) -> None:
         padding = flow_controlled - len(data)
         if padding:  # never reaches the app: credit it back now
@@ -343,3 +378,23 @@ class H2Stream:
             self.cycle.on_disconnect()
         if self.tunnel is not None:
             self.tunnel.on_reset()
+
+    # Server tick
+
+    def check_timeout(self, now: float) -> None:
+        """A request body coming too slowly (`--timeout-request-body`), or a response the
+        client gives no window for (`--timeout-send`): this stream alone ends."""
+        cycle = self.cycle
+        if cycle is not None and self.tunnel is None and cycle.body_timed_out(now):
+            cycle.time_out_body()
+            return
+        pending = self.pending
+        stall: Stall | None = getattr(self, "stall", None)
+        if stall is None:
+            if pending is None:
+                return
+            stall = self.stall = Stall()
+        size = 0 if pending is None else len(pending)
+        timeout = self.conn.state.timeout_send
+        if stall.check(now, pending is not None, size, timeout) and not self.reset:
+            self.conn.reset_stream(self, ErrorCode.CANCEL)

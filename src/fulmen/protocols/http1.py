@@ -518,10 +518,13 @@ class H1Connection(asyncio.Protocol):
         # place for trailers in HTTP/1.1: the response ends without them.
 
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        # After a 500 the connection ends: the app failed, and its request body may be unread.
-        close = self.cycle is self.last or status == 500 or self.state.shutting_down
+        # The connection ends after a 500 (the app failed), or with the body still arriving.
+        cycle = self.cycle
+        close = (
+            cycle is self.last or cycle is self.parsing or status == 500 or self.state.shutting_down
+        )
         if close:
-            self.last = self.cycle
+            self.last = cycle
         lines = b"".join([wire.header_line(header)[0] for header in headers])
         response = wire.simple_response(status, body, lines + self.state.default_headers, close)
         self.transport.write(response)
@@ -606,12 +609,22 @@ class H1Connection(asyncio.Protocol):
             self.transport.close()
 
     def check_timeout(self, now: float) -> None:
-        """Called by the server tick: close a connection idle or stalled past its deadline."""
+        """Called by the server tick: close a connection idle or stalled past its deadline,
+        end a request whose body comes too slowly, and close a connection whose client reads
+        nothing of the response (`--timeout-request-body`, `--timeout-send`)."""
         if self.deadline and now >= self.deadline:
             if self.idle:
                 self._close()
             else:
                 self.reject(408, "Request Timeout")
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle is self.parsing and cycle.body_timed_out(now):
+            cycle.time_out_body()
+        elif self.flow.stalled(now, self.state.timeout_send):
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("Closed a connection whose client reads nothing of its response")
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """Graceful shutdown: a connection serving a request closes after its response (sent

@@ -18,7 +18,8 @@ import asyncio
 import logging
 from typing import Any, cast
 
-from fulmen.protocols.cycle import START, RequestCycle, client_text
+from fulmen.protocols.cycle import RequestCycle, client_text
+from fulmen.protocols.flow import Stall
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.h2fields import (
     HeaderBlocks,
@@ -107,6 +108,7 @@ class H2Connection(asyncio.Protocol):
         self.credit = 0
         # Apps still running for streams the client reset: they count against the stream limit.
         self.orphans = 0
+        self.stall = Stall()  # the socket's: a client that reads nothing at all
         self.resets = self.control = self.empty = self.closed_data = 0  # per tick
 
     # asyncio.Protocol
@@ -355,29 +357,11 @@ class H2Connection(asyncio.Protocol):
         if stream is None or stream.remote_ended:
             self._closed_data(stream_id, stream, length)
             return
-        if length > stream.recv_window:
-            self.give_credit(None, length)
-            self._stream_error(stream_id, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the window")
-            return
-        stream.recv_window -= length
         if not length and not end_stream:
             self.empty += 1
             if self.empty > EMPTY_DATA_PER_TICK:
                 self._calm("empty DATA frames")
-        limit = self.state.limit_request_body
-        cycle = stream.cycle
-        if (
-            limit is not None
-            and stream.tunnel is None  # a WebSocket's frames are no request body
-            and cycle is not None
-            and cycle.body_received + len(data) > limit
-        ):
-            self._too_large(stream, cycle, length)
-            return
-        if length:
-            stream.on_data(data, length)
-        if end_stream:
-            stream.on_end()
+        stream.receive(data, length, end_stream)
 
     def _closed_data(self, stream_id: int, stream: H2Stream | None, length: int) -> None:
         """DATA on a stream that is closed, or whose request has ended: credit the connection;
@@ -392,17 +376,6 @@ class H2Connection(asyncio.Protocol):
         if stream is None and stream_id in self.reset_ids:
             return  # sent before the client saw our reset: ignored (RFC 9113 §5.1)
         self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, "DATA after the end")
-
-    def _too_large(self, stream: H2Stream, cycle: RequestCycle, length: int) -> None:
-        """A body over --limit-request-body: 413 if the app has not answered yet (the stream is
-        then done: RST_STREAM NO_ERROR stops the client), else RST_STREAM CANCEL. The app
-        sees `http.disconnect` either way."""
-        self.give_credit(None, length)
-        if cycle.phase is START:
-            cycle.reject(413, b"Request Entity Too Large")
-        cycle.on_disconnect()
-        if stream.stream_id in self.streams:
-            self.reset_stream(stream, ErrorCode.CANCEL)
 
     def on_rst_stream(self, stream_id: int, code: int) -> None:
         stream = self.streams.get(stream_id)
@@ -583,8 +556,15 @@ class H2Connection(asyncio.Protocol):
         raise ConnectionFailure(ErrorCode.ENHANCE_YOUR_CALM, what)
 
     def check_timeout(self, now: float) -> None:
-        """Server tick: close an idle connection, or one whose preface never came."""
+        """Server tick: close an idle connection, or one whose preface never came, or whose
+        client reads nothing (`--timeout-send`); each stream checks its own timeouts."""
         self.resets = self.control = self.empty = self.closed_data = 0
+        size = self.transport.get_write_buffer_size()
+        if self.stall.check(now, self.write_paused, size, self.state.timeout_send):
+            self.transport.abort()
+            return
+        for stream in list(self.streams.values()):
+            stream.check_timeout(now)
         for session in self._sessions():
             session.check_timeout(now)
         if self.deadline and now >= self.deadline and not self.streams:

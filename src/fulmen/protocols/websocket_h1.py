@@ -155,7 +155,11 @@ class H1WebSocket(asyncio.Protocol):
     # Server tick and shutdown
 
     def check_timeout(self, now: float) -> None:
-        if self.session is not None:
+        """Server tick: the session's ping and close timeouts; a peer that reads nothing of
+        what the app sends is dropped after `--timeout-send` (its app sees 1006)."""
+        if self.flow.stalled(now, self.server.timeout_send):
+            self.transport.abort()
+        elif self.session is not None:
             self.session.check_timeout(now)
 
     def shutdown(self) -> None:
