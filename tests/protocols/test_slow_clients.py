@@ -12,10 +12,16 @@ import time
 from typing import Any
 
 import pytest
-from hyperframe.frame import DataFrame
+from hyperframe.frame import DataFrame, SettingsFrame, WindowUpdateFrame
 
 from tests.conftest import TIMEOUT
-from tests.protocols.h2peer import CANCEL, LOOPS, open_peer
+from tests.protocols.h2peer import (
+    CANCEL,
+    INITIAL_WINDOW_SIZE,
+    LOOPS,
+    MAX_WINDOW,
+    open_peer,
+)
 from tests.protocols.http1_raw import in_loop, poll_until
 from tests.protocols.test_websocket_handshake import handshake
 
@@ -308,3 +314,21 @@ def test_two_thousand_stalled_bodies_do_not_hold_the_server(serve_one) -> None:
         for sock in stalled:
             sock.close()
         poll_until(lambda: not in_loop(srv, lambda: len(state.connections)), "connections left")
+
+
+@LOOPS
+def test_an_http2_client_that_reads_nothing_is_dropped(server, loop: str) -> None:
+    """The client grants all the window it can, then reads nothing: once the socket's write
+    buffer has stayed full for the timeout, the connection is dropped."""
+    srv, _ = server(loop=loop, **SHORT)
+    peer = open_peer(srv, rcvbuf=16384)
+    peer.send(
+        SettingsFrame(0, settings={INITIAL_WINDOW_SIZE: MAX_WINDOW}),
+        WindowUpdateFrame(0, MAX_WINDOW - 65535),
+        peer.req(1, "/big?268435456"),  # 256 MiB, far more than the socket buffers
+    )
+    state = srv.server.state
+    poll_until(lambda: in_loop(srv, lambda: len(state.tasks)) == 1, "not started")
+    began = time.monotonic()
+    poll_until(lambda: not in_loop(srv, lambda: len(state.connections)), "still open")
+    assert time.monotonic() - began < 5.0
