@@ -27,6 +27,7 @@ import fulmen
 from fulmen.config import Config
 from tests.conftest import TIMEOUT, recv_until_closed
 from tests.helpers import Fulmen, clean_env, run_fulmen
+from tests.protocols.http1_raw import in_loop
 
 APP = "tests.apps_workers:app"
 READY = r"Worker process \[(\d+)\] is ready"
@@ -424,6 +425,22 @@ def test_connection_accepted_before_shutdown_is_served(serve: Any, partial: bool
         sock.sendall(b"" if partial else b"GET / HTTP/1.1\r\n")
         sock.sendall(b"host: x\r\n\r\n")
         response = recv_until_closed(sock)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in head.lower()
+    assert body == b"ok"
+
+
+def test_connection_made_after_the_shutdown_began_gets_the_grace(serve: Any) -> None:
+    """A connection the loop accepted before the listener closed may reach `connection_made`
+    after the shutdown began (an accept task, a TLS handshake past its wait): it gets the same
+    grace as an idle one, and its request is answered with `connection: close`."""
+    with serve(ok_app) as srv:
+        state = srv.server.state
+        in_loop(srv, lambda: setattr(state, "shutting_down", True))  # the listener still open
+        with srv.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            response = recv_until_closed(sock)
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"connection: close" in head.lower()

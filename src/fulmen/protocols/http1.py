@@ -131,8 +131,8 @@ class H1Connection(H1Response, asyncio.Protocol):
         self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
         self.deadline = state.clock + state.timeout_request_header
         state.connections.add(self)
-        if state.shutting_down:  # accepted just before the listener closed
-            transport.close()
+        if state.shutting_down:  # accepted just before the listener closed: the grace
+            self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self.sniff is not None:
