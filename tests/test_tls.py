@@ -4,6 +4,7 @@ certificates, encrypted keys, timeouts over TLS, and clear startup errors."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -17,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 from websockets.sync.client import connect as ws_connect
 
 from fulmen import Config
+from fulmen.protocols.tls_scope import dn_string
 from fulmen.tls import ALPN_PROTOCOLS, TLSError, create_ssl_context
 from tests.conftest import PASSWORD, TIMEOUT, Certs
 from tests.helpers import Fulmen, messages, record_logs, run_fulmen
@@ -358,3 +361,73 @@ def test_unusable_key_is_a_startup_failure(certs, password) -> None:
     assert f"ERROR:    {certs.encrypted_key}: " in result.stderr
     assert reason in result.stderr
     assert "Fulmen running" not in result.stderr
+
+
+# The ASGI `tls` scope extension
+
+
+async def tls_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the scope's `tls` extension as JSON (`null` without one)."""
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(scope["extensions"].get("tls"))})
+        await send({"type": "websocket.close"})
+        return
+    body = json.dumps(scope["extensions"].get("tls")).encode()
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body", "body": body})
+
+
+def first_pem(path: str) -> str:
+    text = Path(path).read_text()
+    end = "-----END CERTIFICATE-----"
+    return text[text.index("-----BEGIN CERTIFICATE-----") : text.index(end) + len(end)] + "\n"
+
+
+def test_tls_extension_describes_the_connection(serve_tls, certs) -> None:
+    with serve_tls(tls_app) as srv, httpx.Client(verify=certs.context(), timeout=TIMEOUT) as client:
+        response = client.get(https(srv))
+        tls = response.json()
+    assert tls == {
+        "server_cert": first_pem(certs.cert),
+        "client_cert_chain": [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": 0x0304,
+        "cipher_suite": tls["cipher_suite"],
+    }
+    assert tls["cipher_suite"] in (0x1301, 0x1302, 0x1303)  # the TLS 1.3 suites
+
+
+def test_tls_extension_names_the_client_certificate(serve_tls, certs) -> None:
+    options = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": certs.ca_file}
+    with (
+        serve_tls(tls_app, **options) as srv,
+        httpx.Client(verify=certs.context(certs.client), timeout=TIMEOUT) as client,
+    ):
+        tls = client.get(https(srv)).json()
+    leaf = certs.client.cert_chain_pems[0].bytes()
+    assert tls["client_cert_chain"][0] == leaf.decode()
+    subject = x509.load_pem_x509_certificate(leaf).subject
+    assert tls["client_cert_name"] == subject.rfc4514_string()
+    assert tls["client_cert_error"] is None
+
+
+def test_tls_extension_on_http2_and_websockets_but_not_cleartext(serve_tls, certs) -> None:
+    with serve_tls(tls_app) as srv:
+        with httpx.Client(verify=certs.context(), http2=True, timeout=TIMEOUT) as client:
+            response = client.get(https(srv))
+        assert response.http_version == "HTTP/2"
+        assert response.json()["tls_version"] == 0x0304
+        url = f"wss://127.0.0.1:{srv.port}/"
+        with ws_connect(url, ssl=certs.context(), open_timeout=TIMEOUT) as ws:
+            assert json.loads(ws.recv(timeout=TIMEOUT))["tls_version"] == 0x0304
+    with serve_tls(tls_app, ssl_certfile=None, ssl_keyfile=None) as srv:
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/", timeout=TIMEOUT).json() is None
+
+
+def test_rfc4514_names() -> None:
+    subject = ((("countryName", "FR"),), (("organizationName", "A, B"),), (("commonName", " x"),))
+    assert dn_string({"subject": subject}) == "CN=\\ x,O=A\\, B,C=FR"
+    assert dn_string({}) is None

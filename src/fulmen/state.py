@@ -15,6 +15,7 @@ from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
 from fulmen.protocols.engines import engine_factory
 from fulmen.protocols.parsers import Limits, parser_class
+from fulmen.protocols.tls_scope import server_cert
 from fulmen.types import ASGIApp
 
 access_logger = logging.getLogger("fulmen.access")
@@ -63,6 +64,7 @@ class ServerState:
         self.parser_factory = parser_class(config.http)
         self.limits = Limits(config.limit_request_line, config.h11_max_incomplete_event_size)
         self.root_path = config.root_path
+        self.server_cert = server_cert(config.ssl_certfile)  # for the `tls` scope extension
         self.timeout_keep_alive = config.timeout_keep_alive
         self.timeout_request_header = config.timeout_request_header
         self.timeout_request_body = config.timeout_request_body

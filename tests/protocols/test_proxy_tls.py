@@ -21,7 +21,7 @@ from fulmen.protocols.proxy_tls import ProxyTLSListener
 from tests.conftest import TIMEOUT, Certs, recv_until_closed
 from tests.helpers import Fulmen, clean_env
 from tests.protocols.test_proxy_protocol import REQUEST, client_app, v2, v2_inet
-from tests.test_tls import read_until_closed
+from tests.test_tls import read_until_closed, tls_app
 
 V1 = b"PROXY TCP4 192.0.2.1 192.0.2.2 56324 443\r\n"
 
@@ -280,3 +280,17 @@ def test_through_the_cli_over_tcp_and_a_unix_socket(certs, tmp_path) -> None:
         sock.settimeout(TIMEOUT)
         sock.connect(path)
         assert scope_after(sock, V1, certs)["client"] == ["192.0.2.1", 56324]
+
+
+def test_tls_extension_after_the_header(serve_proxy_tls, certs) -> None:
+    """The ASGI `tls` extension describes the handshake made after the PROXY header."""
+    with (
+        serve_proxy_tls(tls_app) as srv,
+        srv.connect() as sock,
+        tls_after(sock, V1, certs) as tls,
+    ):
+        tls.sendall(REQUEST)
+        response = read_until_closed(tls)
+    body = json.loads(response.partition(b"\r\n\r\n")[2])
+    assert body["tls_version"] == 0x0304
+    assert body["client_cert_chain"] == []

@@ -21,7 +21,7 @@ from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, webs
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
-from fulmen.protocols.scope import endpoints, http_scope
+from fulmen.protocols.scope import endpoints, http_scope, tls_of
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h1 import H1WebSocket
@@ -97,6 +97,7 @@ class H1Connection(H1Response, asyncio.Protocol):
         "sniff",
         "state",
         "taken_over",
+        "tls",
         "transport",
         "ws",
     )
@@ -125,6 +126,7 @@ class H1Connection(H1Response, asyncio.Protocol):
         self.flow = FlowControl(transport)
         self.parser: Parser = state.parser_factory(self, state.limits)
         self.endpoints = client, _, scheme = endpoints(transport)
+        self.tls = tls_of(transport, state)
         if state.http2 is not None and scheme == "http":
             self.sniff = b""
         proxy = state.proxy_headers
@@ -280,6 +282,8 @@ class H1Connection(H1Response, asyncio.Protocol):
                 extensions["http.response.trailers"] = {}
         else:
             extensions = {}
+        if self.tls is not None:
+            extensions["tls"] = self.tls
         scope = http_scope(
             state, method, raw_path, query, version, headers, self.endpoints, proxy, extensions
         )

@@ -50,7 +50,7 @@ from fulmen.protocols.h2frames import (
 from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
-from fulmen.protocols.scope import endpoints, http_scope
+from fulmen.protocols.scope import endpoints, http_scope, tls_of
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h2 import H2WebSocket
@@ -117,6 +117,7 @@ class H2Connection(asyncio.Protocol):
         state = self.state
         self.transport = transport = cast(asyncio.Transport, transport)
         self.endpoints = client, _, _ = endpoints(transport)
+        self.tls = tls_of(transport, state)
         proxy = state.proxy_headers
         self.proxy = proxy if proxy is not None and proxy.trusts(client) else None
         self.out.append(
@@ -300,6 +301,8 @@ class H2Connection(asyncio.Protocol):
         extensions: dict[str, Any] = {"http.response.early_hint": _EARLY_HINT}
         if request.te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
             extensions["http.response.trailers"] = {}
+        if self.tls is not None:
+            extensions["tls"] = self.tls
         proxy = self.proxy if request.forwarded else None
         scope = http_scope(
             state,

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from fulmen.middleware.proxy_headers import ProxyHeaders
+from fulmen.protocols.tls_scope import tls_extension
 from fulmen.state import ServerState
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
@@ -37,6 +38,14 @@ def endpoints(transport: asyncio.BaseTransport) -> Endpoints:
         socket_address(transport.get_extra_info("sockname")),
         "https" if transport.get_extra_info("sslcontext") else "http",
     )
+
+
+def tls_of(transport: asyncio.BaseTransport, state: ServerState) -> dict[str, Any] | None:
+    """The ASGI `tls` extension of a connection (None without TLS): once per connection."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    return tls_extension(ssl_object, state.server_cert)
 
 
 def method_name(method: bytes) -> str:

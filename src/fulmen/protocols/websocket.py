@@ -162,7 +162,7 @@ class WebSocketSession:
             "headers": http["headers"],
             "subprotocols": subprotocols,
             "state": http["state"],
-            "extensions": {"websocket.http.response": {}},
+            "extensions": _ws_extensions(http["extensions"]),
         }
 
     def _http(self) -> WebSocketRequest:
@@ -437,3 +437,11 @@ class WebSocketSession:
         server restarts; the app sees the disconnect."""
         if self.phase is OPEN:
             self._close(self.server.ws_shutdown_code, "")
+
+
+def _ws_extensions(http: dict[str, Any]) -> dict[str, Any]:
+    """A WebSocket's extensions: the denial response, and the connection's `tls`."""
+    extensions: dict[str, Any] = {"websocket.http.response": {}}
+    if "tls" in http:
+        extensions["tls"] = http["tls"]
+    return extensions
