@@ -291,17 +291,23 @@ def goaways(peer: Any) -> list[tuple[int, int]]:
     return [(last & 0x7FFFFFFF, code) for last, code in fields]
 
 
+def shutting_down(srv: Any) -> Any:
+    """A peer served stream 1, then the server's shutdown: its GOAWAY and PING have come."""
+    peer = open_peer(srv)
+    peer.send(peer.req(1))
+    assert peer.response(1) == (200, b"")
+    srv.server.should_exit = True
+    assert peer.read_until(lambda frames: SHUTDOWN_PING in frames)
+    return peer
+
+
 @LOOPS
 def test_shutdown_serves_the_streams_sent_before_the_client_saw_it(server, loop: str) -> None:
     """First a GOAWAY naming stream 2^31-1 and a PING: a request the client sent before it read
     them is served. Once the PING is answered, the final GOAWAY names that stream; streams
     opened after it are refused, and the connection closes once the served one is done."""
     srv, app = server(loop=loop)
-    peer = open_peer(srv)
-    peer.send(peer.req(1))
-    assert peer.response(1) == (200, b"")
-    srv.server.should_exit = True
-    assert peer.read_until(lambda frames: SHUTDOWN_PING in frames)
+    peer = shutting_down(srv)
     assert goaways(peer) == [(2**31 - 1, NO_ERROR)]
     peer.send(peer.req(3, HOLD))  # on its way as the GOAWAY arrived
     peer.sync()  # stream 3 is open before the PING is answered
@@ -321,11 +327,7 @@ def test_shutdown_serves_the_streams_sent_before_the_client_saw_it(server, loop:
 def test_shutdown_closes_an_idle_connection_after_the_grace(server, loop: str) -> None:
     """A client that does not answer the PING gets the final GOAWAY after the 1 s grace."""
     srv, _ = server(loop=loop)
-    peer = open_peer(srv)
-    peer.send(peer.req(1))
-    assert peer.response(1) == (200, b"")
-    srv.server.should_exit = True
-    assert peer.read_until(lambda frames: SHUTDOWN_PING in frames)
+    peer = shutting_down(srv)
     began = time.monotonic()
     assert peer.read_until(lambda frames: len(goaways(peer)) == 2)
     assert time.monotonic() - began > 0.8
