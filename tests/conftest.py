@@ -191,6 +191,21 @@ def recv_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
     return b"".join(chunks)
 
 
+def wss_first_message(uri: str, context: ssl.SSLContext, sock: socket.socket | None = None) -> Any:
+    """Open a wss WebSocket (over `sock` if given) and return the first message it receives.
+
+    With websockets' asyncio client: its sync client reads in a background thread while
+    another thread sends, which a Python TLS socket does not support (CPython gh-137583);
+    now and then that loses the handshake request."""
+    from websockets.asyncio.client import connect
+
+    async def first() -> Any:
+        async with connect(uri, ssl=context, sock=sock, open_timeout=TIMEOUT) as websocket:
+            return await asyncio.wait_for(websocket.recv(), TIMEOUT)
+
+    return asyncio.run(first())
+
+
 def recv_response(sock: socket.socket) -> bytes:
     """Read one response with a Content-Length body (or none) from a raw socket."""
     data = b""

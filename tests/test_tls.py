@@ -19,12 +19,11 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from websockets.sync.client import connect as ws_connect
 
 from fulmen import Config
 from fulmen.protocols.tls_scope import dn_string
 from fulmen.tls import ALPN_PROTOCOLS, TLSError, create_ssl_context
-from tests.conftest import PASSWORD, TIMEOUT, Certs
+from tests.conftest import PASSWORD, TIMEOUT, Certs, wss_first_message
 from tests.helpers import Fulmen, messages, record_logs, run_fulmen
 from tests.protocols.http1_raw import in_loop, poll_until
 
@@ -202,8 +201,7 @@ def test_websocket_over_tls_is_wss(serve_ws, certs) -> None:
     options = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key}
     with serve_ws(scheme_app, **options) as srv:
         uri = f"wss://127.0.0.1:{srv.port}/"
-        with ws_connect(uri, ssl=certs.context(), open_timeout=TIMEOUT) as websocket:
-            assert websocket.recv(timeout=TIMEOUT) == "wss"
+        assert wss_first_message(uri, certs.context()) == "wss"
 
 
 # Timeouts and shutdown over TLS
@@ -421,8 +419,7 @@ def test_tls_extension_on_http2_and_websockets_but_not_cleartext(serve_tls, cert
         assert response.http_version == "HTTP/2"
         assert response.json()["tls_version"] == 0x0304
         url = f"wss://127.0.0.1:{srv.port}/"
-        with ws_connect(url, ssl=certs.context(), open_timeout=TIMEOUT) as ws:
-            assert json.loads(ws.recv(timeout=TIMEOUT))["tls_version"] == 0x0304
+        assert json.loads(wss_first_message(url, certs.context()))["tls_version"] == 0x0304
     with serve_tls(tls_app, ssl_certfile=None, ssl_keyfile=None) as srv:
         assert httpx.get(f"http://127.0.0.1:{srv.port}/", timeout=TIMEOUT).json() is None
 

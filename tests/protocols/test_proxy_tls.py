@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from websockets.sync.client import connect as ws_connect
 
 from fulmen.protocols.proxy_tls import ProxyTLSListener
-from tests.conftest import TIMEOUT, Certs, recv_until_closed
+from tests.conftest import TIMEOUT, Certs, recv_until_closed, wss_first_message
 from tests.helpers import Fulmen, clean_env
 from tests.protocols.test_proxy_protocol import REQUEST, client_app, v2, v2_inet
 from tests.test_tls import read_until_closed, tls_app
@@ -135,8 +134,7 @@ def test_websocket_is_wss_with_the_proxied_client(serve_proxy_tls, certs) -> Non
     with serve_proxy_tls(client_app) as srv, srv.connect() as sock:
         sock.sendall(V1)
         uri = f"wss://127.0.0.1:{srv.port}/"
-        with ws_connect(uri, sock=sock, ssl=certs.context(), open_timeout=TIMEOUT) as ws:
-            got = json.loads(ws.recv(timeout=TIMEOUT))
+        got = json.loads(wss_first_message(uri, certs.context(), sock))
     assert got["client"] == ["192.0.2.1", 56324]
     assert got["scheme"] == "wss"
 
