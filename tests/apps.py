@@ -26,6 +26,12 @@ async def _lifespan(receive: Any, send: Any) -> None:
             return
 
 
+async def pathsend(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the file its query string names, by ASGI pathsend."""
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.pathsend", "path": scope["query_string"].decode()})
+
+
 async def app(scope: Any, receive: Any, send: Any) -> None:
     """Answers with its path; `/slow` takes 0.5 s and `/forever` never answers."""
     if scope["type"] == "lifespan":

@@ -60,7 +60,9 @@ def test_prior_knowledge_get(serve) -> None:
     assert fields[b"x-host"] == b"test"  # :authority, as the host header
     assert fields[b"x-cookie"] == b"a=1; b=2"  # RFC 9113 §8.2.3
     assert fields[b"x-scheme"] == b"http"
-    assert fields[b"x-extensions"] == b"http.response.early_hint"
+    assert fields[b"x-extensions"] == (
+        b"http.response.early_hint,http.response.pathsend,http.response.zerocopysend"
+    )
     assert fields[b"content-length"] == b"0"
     assert fields[b"server"] == b"fulmen"
     assert b"date" in fields

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fulmen.protocols import wire
-from fulmen.protocols.flow import Flow, wake
+from fulmen.protocols.filesend import FILE_MESSAGES, FileBody, with_length
+from fulmen.protocols.flow import Flow, FlowControl, wake
 from fulmen.state import ServerState
 from fulmen.types import ASGIApp, Message
 
@@ -65,6 +66,11 @@ class Framer(Protocol):
     def send_plain(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A whole `text/plain` response from the server itself (500, 503, a refused
         WebSocket handshake), with `headers` besides the defaults."""
+
+    def file_socket(self, count: int) -> FlowControl | None:
+        """For a body from a file (`fulmen.protocols.filesend`): the socket to `os.sendfile`
+        the next `count` bytes into (they count as sent), or None to read them and call
+        `send_body` (TLS, chunked framing, HTTP/2)."""
 
     def consumed(self, size: int) -> None:
         """The app has taken `size` body bytes: the peer may send more (HTTP/1.1 resumes
@@ -259,7 +265,10 @@ class RequestCycle:
             self.phase = HEAD
             return
         if kind != "http.response.body" or phase is DONE or phase is TRAILERS:
-            self._send_extension(message, kind, phase)
+            if kind in FILE_MESSAGES and (phase is HEAD or phase is BODY):
+                await self._send_file(message)
+            else:
+                self._send_extension(message, kind, phase)
             return
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
@@ -275,6 +284,31 @@ class RequestCycle:
                 self.phase = TRAILERS
             else:
                 self._complete()
+
+    async def _send_file(self, message: Message) -> None:
+        """ASGI `http.response.pathsend` and `http.response.zerocopysend`: body bytes from a
+        file (`fulmen.protocols.filesend`). Without a Content-Length from the app, a file that
+        ends the body gives it."""
+        with FileBody(message) as file:
+            more_body = file.more_body
+            more = more_body or self.trailers is not None
+            if self.phase is HEAD:
+                headers = self.headers if more_body else with_length(self.headers, file.count)
+                self.headers = headers
+                self.framer.send_head(self.status, headers, b"", True)
+                self.phase = BODY
+            if self.scope["method"] == "HEAD":
+                self.framer.send_body(b"", more)  # the head says the length, no body follows
+            elif not await file.send(self.framer, more, self._gone):
+                return  # the client has left
+        if not more_body:
+            if more:
+                self.phase = TRAILERS
+            else:
+                self._complete()
+
+    def _gone(self) -> bool:
+        return self.disconnected
 
     def _send_extension(self, message: Message, kind: str, phase: Phase) -> None:
         """A message of an ASGI response extension, or an order error: an early hint before

@@ -54,7 +54,14 @@ class FlowControl:
     mark; `drain()` then suspends the sender until `resume_writing()` or the connection is lost.
     """
 
-    __slots__ = ("_drain_waiter", "_stall", "_transport", "read_paused", "write_paused")
+    __slots__ = (
+        "_drain_waiter",
+        "_stall",
+        "_transport",
+        "file_left",
+        "read_paused",
+        "write_paused",
+    )
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -62,6 +69,11 @@ class FlowControl:
         self._stall: Stall | None = None  # made at the first tick that finds writing paused
         self.read_paused = False
         self.write_paused = False
+        self.file_left = 0  # bytes of a file still to go straight to the socket (`sendfile`)
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._transport
 
     def stalled(self, now: float, limit: float) -> bool:
         """Server tick: whether the client has read nothing for `limit` seconds while the
@@ -71,7 +83,7 @@ class FlowControl:
             if not self.write_paused or not limit:
                 return False
             stall = self._stall = Stall()
-        size = self._transport.get_write_buffer_size()
+        size = self._transport.get_write_buffer_size() + self.file_left
         return stall.check(now, self.write_paused, size, limit)
 
     def pause_reading(self) -> None:
@@ -96,6 +108,23 @@ class FlowControl:
         if waiter is None or waiter.done():
             waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
         await waiter
+
+    async def writable(self, fd: int, left: int) -> None:
+        """Wait until the socket takes more bytes again, or the connection is lost, for a
+        writer that bypasses the transport (`os.sendfile`): `fd` is a duplicate of the
+        socket's descriptor (the loop watches the transport's own), `left` what it still has
+        to write, which `stalled` watches shrink."""
+        loop = asyncio.get_running_loop()
+        waiter = self._drain_waiter = loop.create_future()
+        self.write_paused = True
+        self.file_left = left
+        loop.add_writer(fd, wake, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_writer(fd)
+            self.write_paused = False
+            self.file_left = 0
 
     def release(self) -> None:
         """The connection is gone: nobody may wait for a drain any more."""

@@ -10,6 +10,7 @@ precomputed cache (`wire.HEADER_LINES`), and head and first body go out in one w
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fulmen.protocols import wire
 from fulmen.protocols.cycle import Headers, RequestCycle
@@ -21,6 +22,7 @@ from fulmen.protocols.fields import (
     TRANSFER_ENCODING,
 )
 from fulmen.protocols.fields import content_length as app_content_length
+from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.wire import CHUNKED, CRLF, HEADER_LINES, LENGTH, STATUS_LINES, UNTIL_CLOSE
 from fulmen.state import ServerState
 
@@ -34,6 +36,8 @@ class H1Response:
 
     state: ServerState
     transport: asyncio.Transport
+    flow: FlowControl
+    tls: dict[str, Any] | None  # the connection's ASGI `tls` extension (None: no TLS)
     cycle: RequestCycle | None  # the request being answered
     parsing: RequestCycle | None  # the request whose body is arriving
 
@@ -127,6 +131,21 @@ class H1Response:
         if framing is UNTIL_CLOSE:
             return body
         return b""
+
+    def file_socket(self, count: int) -> FlowControl | None:
+        """The socket to `os.sendfile` the next `count` body bytes into (they count as sent),
+        when they may go there as they are: plain TCP or a Unix socket, the body framed by its
+        length or by the close. None: they go through `send_body`."""
+        framing = self.framing
+        if (framing is not LENGTH and framing is not UNTIL_CLOSE) or self.tls is not None:
+            return None
+        if self.transport.get_extra_info("socket") is None:
+            return None
+        if framing is LENGTH:
+            if count > self.remaining:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.remaining -= count
+        return self.flow
 
     def send_interim(self, status: int, headers: Headers = ()) -> None:
         lines = [wire.header_line((name, value))[0] for name, value in headers]

