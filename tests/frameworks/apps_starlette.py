@@ -1,6 +1,7 @@
 """A Starlette app for tests/frameworks/test_starlette.py.
 
-`FILE_PATH` is the file `/file` serves (a test points it at a file in its tmp_path);
+`FILE_PATH` is the file `/file` serves (a test points it at a file in its tmp_path), and that
+`/file-gone` and `/file-shrinks` change after Starlette has its size;
 `EVENTS` records the lifespan's startup and shutdown.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,18 @@ async def file(request: Request) -> FileResponse:
     return FileResponse(FILE_PATH, media_type="application/octet-stream")
 
 
+async def file_changed(request: Request) -> FileResponse:
+    """`FILE_PATH` as it was when stat'ed, after which it is deleted (`/file-gone`) or cut
+    to half its size (`/file-shrinks`), as another process might do meanwhile."""
+    assert FILE_PATH is not None, "the test sets apps_starlette.FILE_PATH"
+    stat_result = os.stat(FILE_PATH)
+    if request.url.path == "/file-gone":
+        os.unlink(FILE_PATH)
+    else:
+        os.truncate(FILE_PATH, stat_result.st_size // 2)
+    return FileResponse(FILE_PATH, stat_result=stat_result)
+
+
 async def state(request: Request) -> JSONResponse:
     return JSONResponse(
         {"request_state": request.state.greeting, "app_state": request.app.state.started}
@@ -142,6 +156,8 @@ app = Starlette(
         Route("/stream", stream),
         Route("/late-end", late_end),
         Route("/file", file, methods=["GET", "HEAD"]),
+        Route("/file-gone", file_changed),
+        Route("/file-shrinks", file_changed),
         Route("/state", state),
         Route("/error", error),
         WebSocketRoute("/ws", ws_echo),

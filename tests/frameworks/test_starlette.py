@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fulmen.protocols import filesend
 from tests.conftest import TIMEOUT, RunningServer
 from tests.frameworks import apps_starlette
 from tests.frameworks.apps_starlette import app
@@ -110,6 +111,81 @@ def test_file_response(
         assert head.headers["etag"] == response.headers["etag"]
         assert head.content == b""
         assert http.get("/users/1").status_code == 200
+
+
+@pytest.fixture
+def big_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A 5 MiB file served at `/file`: more than the socket buffers hold."""
+    content = os.urandom(5 * 1024 * 1024)
+    path = tmp_path / "big.bin"
+    path.write_bytes(content)
+    monkeypatch.setattr(apps_starlette, "FILE_PATH", path)
+    return content
+
+
+def test_file_response_goes_zero_copy(
+    serve_app: ServeApp, big_file: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fulmen offers `http.response.pathsend`, so FileResponse hands the file over (through
+    the app's BaseHTTPMiddleware) and it is sent with `os.sendfile`."""
+    counts: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting(out: int, fd: int, offset: int, count: int) -> int:
+        counts.append(count)
+        return real_sendfile(out, fd, offset, count)
+
+    monkeypatch.setattr(filesend.os, "sendfile", counting)
+    with serve_app(app) as srv, client(srv) as http:
+        for _ in range(3):
+            response = http.get("/file")
+            assert response.content == big_file
+    assert counts.count(len(big_file)) == 3  # each file's first call asked for all of it
+
+
+def test_file_ranges(serve_app: ServeApp, big_file: bytes) -> None:
+    with serve_app(app) as srv, client(srv) as http:
+        one = http.get("/file", headers={"range": "bytes=100-199"})
+        assert one.status_code == 206
+        assert one.headers["content-range"] == f"bytes 100-199/{len(big_file)}"
+        assert one.content == big_file[100:200]
+        tail = http.get("/file", headers={"range": "bytes=-1000"})
+        assert tail.content == big_file[-1000:]
+        two = http.get("/file", headers={"range": "bytes=0-9,20-29"})
+        assert two.status_code == 206
+        assert two.headers["content-type"].startswith("multipart/byteranges")
+        assert big_file[0:10] in two.content and big_file[20:30] in two.content
+        wrong = http.get("/file", headers={"range": f"bytes={len(big_file)}-"})
+        assert wrong.status_code == 416
+        assert http.get("/file").content == big_file  # the connection goes on
+
+
+def test_a_file_deleted_before_it_is_sent_is_a_500(serve_app: ServeApp, big_file: bytes) -> None:
+    with serve_app(app) as srv, client(srv) as http:
+        response = http.get("/file-gone")
+        assert response.status_code == 500
+        assert any(record.getMessage() == APP_ERROR for record in srv.records)
+        assert http.get("/users/1").status_code == 200
+
+
+def test_a_file_that_shrank_cuts_the_response(serve_app: ServeApp, big_file: bytes) -> None:
+    """Its Content-Length says the old size: the client gets what the file still has and the
+    connection closes (never a hang), the error is logged, the next request is served."""
+    with serve_app(app) as srv, client(srv) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            http.get("/file-shrinks")
+        assert any(record.getMessage() == APP_ERROR for record in srv.records)
+        assert http.get("/users/1").status_code == 200
+
+
+def test_a_client_leaving_mid_file(serve_app: ServeApp, big_file: bytes) -> None:
+    with serve_app(app) as srv:
+        with client(srv) as http, http.stream("GET", "/file") as response:
+            assert len(next(response.iter_raw(65536))) > 0
+        # leaving the client closes its connection with most of the file unread
+        with client(srv) as http:
+            assert http.get("/file").content == big_file
+        assert not any(record.getMessage() == APP_ERROR for record in srv.records)
 
 
 def test_websocket_echo_and_close_code(serve_app: ServeApp) -> None:
