@@ -8,6 +8,7 @@ once-a-second timeout sweep may close a connection, and what a client leaving ea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -180,3 +181,53 @@ def test_chunked_twice_is_rejected_alike(serve_one, parser: str) -> None:
         headers = [("Transfer-Encoding", "chunked, chunked")]
         sock.sendall(request("POST", headers=headers) + b"0\r\n\r\n")
         assert Reader(sock).response().status == 400
+
+
+# docs/behaviour.md#asgi-extensions
+
+
+def _extensions_table() -> dict[str, list[str]]:
+    """Extension -> its cells (HTTP/1.1, HTTP/1.0, HTTP/2, WebSocket) in the behaviour docs."""
+    text = (ROOT / "docs" / "behaviour.md").read_text(encoding="utf-8")
+    section = text.split("### ASGI extensions", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `([\w.]+)`[^|]*\|(.*)\|$", line)
+        if match:
+            rows[match.group(1)] = [cell.strip() for cell in match.group(2).split("|")]
+    return rows
+
+
+def test_extensions_table_matches_the_scopes(serve_one) -> None:
+    """Each protocol's scopes (cleartext; `tls` is tested over TLS in test_tls.py) offer what
+    the table says: `yes` or `when ...` (the request asks for it) offered, `no` or `-` not."""
+    from websockets.sync.client import connect
+
+    from tests.protocols.h2client import connect as h2_connect
+
+    seen: dict[str, set[str]] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kind = "ws" if scope["type"] == "websocket" else scope["http_version"]
+        seen[kind] = set(scope["extensions"])
+        if kind == "ws":
+            await send({"type": "websocket.close"})
+        else:
+            await respond(send, b"")
+
+    with serve_one(app) as srv:
+        for version in ("1.1", "1.0"):
+            with srv.connect() as sock:
+                sock.sendall(request(headers=[("te", "trailers")], version=version))
+                Reader(sock).head()
+        assert h2_connect(srv.port).get(headers=[(b"te", b"trailers")]).status == 200
+        with contextlib.suppress(Exception), connect(f"ws://127.0.0.1:{srv.port}/") as ws:
+            ws.recv(timeout=TIMEOUT)
+    table = _extensions_table()
+    assert set().union(*seen.values()) <= set(table)
+    for name, cells in table.items():
+        if name == "tls":
+            continue
+        for kind, cell in zip(("1.1", "1.0", "2", "ws"), cells, strict=True):
+            offered = cell.startswith(("yes", "when"))
+            assert (name in seen[kind]) == offered, (name, kind, cell)
