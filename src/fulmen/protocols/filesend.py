@@ -19,7 +19,10 @@ connection closes, or the HTTP/2 stream is reset) and the app's `send` raises, n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -27,6 +30,14 @@ from typing import Any, Protocol
 from fulmen.protocols.flow import Flow, FlowControl
 
 FILE_CHUNK = 256 * 1024  # bytes read and sent at a time where the file cannot go zero-copy
+# What `os.sendfile` may queue in the socket beyond what TCP can send at once (TCP_NOTSENT_LOWAT):
+# the rest goes as the client takes it, each time the socket is writable again. Queuing a whole
+# file instead leaves its transmission to the ACKs, processed wherever they arrive (on
+# loopback, in the client's own CPU time): 128 KiB tripled a local client's download rate, and
+# it bounds kernel memory per download. It limits unsent bytes only, not bytes in flight.
+UNSENT_LOWAT = 128 * 1024
+_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
+ZERO_COPY = hasattr(os, "sendfile")  # os.sendfile into a socket (not on Windows)
 PATHSEND = "http.response.pathsend"
 ZEROCOPYSEND = "http.response.zerocopysend"
 FILE_MESSAGES = frozenset((PATHSEND, ZEROCOPYSEND))
@@ -86,9 +97,9 @@ class FileBody:
         """Send the bytes, then end the body unless `more` follows. `gone()`: the client has
         left, the rest is not sent. Whether all of it went."""
         count = self.count
-        socket = framer.file_socket(count) if count else None
-        if socket is not None:
-            sent = await sendfile(socket, self.fd, self.offset, count)
+        flow = framer.file_socket(count) if count else None
+        if flow is not None:
+            sent = await sendfile(flow, self.fd, self.offset, count)
             if sent == count:
                 framer.send_body(b"", more)  # ends the body
         elif count:
@@ -120,37 +131,51 @@ class FileBody:
         return offset - self.offset
 
 
-async def sendfile(socket: FlowControl, fd: int, offset: int, count: int) -> int:
+async def sendfile(flow: FlowControl, fd: int, offset: int, count: int) -> int:
     """`count` bytes of file `fd` from `offset` into the socket with `os.sendfile`, after what
     its transport holds; how many went (fewer if the connection was lost)."""
-    transport = socket.transport
-    out = transport.get_extra_info("socket").fileno()
-    # The loop watches the transport's descriptor already: a duplicate is watched for
-    # writability instead. It keeps the socket open, so it is closed as soon as the
-    # connection is lost (which wakes `writable`).
-    watched = os.dup(out)
+    loop = asyncio.get_running_loop()
+    transport = flow.transport
+    sock = transport.get_extra_info("socket")
+    out = sock.fileno()
+    if _NOTSENT_LOWAT is not None and sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, UNSENT_LOWAT)
+    watched = -1  # made at the first wait
     sent = 0
     try:
-        while sent < count:
-            if transport.is_closing():
-                break
-            if transport.get_write_buffer_size():
-                await socket.writable(watched, count - sent)
-                continue
-            try:
-                done = os.sendfile(out, fd, offset + sent, count - sent)
-            except BlockingIOError:
-                await socket.writable(watched, count - sent)
-                continue
-            except OSError:  # the client reset the connection
-                transport.abort()
-                break
-            if not done:
-                raise RuntimeError(_short(count - sent))
-            sent += done
+        while sent < count and not transport.is_closing():
+            if not transport.get_write_buffer_size():
+                try:
+                    done = os.sendfile(out, fd, offset + sent, count - sent)
+                except BlockingIOError:
+                    done = -1
+                except OSError:  # the client reset the connection
+                    transport.abort()
+                    break
+                if not done:
+                    raise RuntimeError(_short(count - sent))
+                sent += max(done, 0)
+                if sent == count:
+                    break
+            if watched < 0:
+                watched = _watch(loop, flow, out)
+            await flow.writable(loop.create_future(), count - sent)  # the socket is full
     finally:
-        os.close(watched)
+        if watched >= 0:
+            loop.remove_writer(watched)
+            os.close(watched)
     return sent
+
+
+def _watch(loop: asyncio.AbstractEventLoop, flow: FlowControl, out: int) -> int:
+    """Have the loop call `flow.resume_writing()` whenever socket `out` takes more bytes, until
+    the caller stops it; the descriptor it watches. The loop watches `out` for the transport
+    already, so a duplicate is watched instead. It keeps the socket open: the caller closes it
+    as soon as the connection is lost (which wakes `flow.writable`)."""
+    watched = os.dup(out)
+    loop.add_writer(watched, flow.resume_writing)
+    return watched
 
 
 def with_length(headers: Iterable[Any], count: int) -> Iterable[Any]:

@@ -109,20 +109,17 @@ class FlowControl:
             waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
         await waiter
 
-    async def writable(self, fd: int, left: int) -> None:
-        """Wait until the socket takes more bytes again, or the connection is lost, for a
-        writer that bypasses the transport (`os.sendfile`): `fd` is a duplicate of the
-        socket's descriptor (the loop watches the transport's own), `left` what it still has
+    async def writable(self, waiter: asyncio.Future[None], left: int) -> None:
+        """Wait (on `waiter`, a new future) for the next `resume_writing()` or the loss of the
+        connection, for a writer that bypasses the transport (`os.sendfile`, which has the loop
+        call `resume_writing` whenever the socket can take more): `left` is what it still has
         to write, which `stalled` watches shrink."""
-        loop = asyncio.get_running_loop()
-        waiter = self._drain_waiter = loop.create_future()
+        self._drain_waiter = waiter
         self.write_paused = True
         self.file_left = left
-        loop.add_writer(fd, wake, waiter)
         try:
             await waiter
         finally:
-            loop.remove_writer(fd)
             self.write_paused = False
             self.file_left = 0
 

@@ -22,6 +22,7 @@ from fulmen.protocols.fields import (
     TRANSFER_ENCODING,
 )
 from fulmen.protocols.fields import content_length as app_content_length
+from fulmen.protocols.filesend import ZERO_COPY
 from fulmen.protocols.flow import FlowControl
 from fulmen.protocols.wire import CHUNKED, CRLF, HEADER_LINES, LENGTH, STATUS_LINES, UNTIL_CLOSE
 from fulmen.state import ServerState
@@ -139,7 +140,7 @@ class H1Response:
         framing = self.framing
         if (framing is not LENGTH and framing is not UNTIL_CLOSE) or self.tls is not None:
             return None
-        if self.transport.get_extra_info("socket") is None:
+        if not ZERO_COPY or self.transport.get_extra_info("socket") is None:
             return None
         if framing is LENGTH:
             if count > self.remaining:
