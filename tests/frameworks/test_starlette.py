@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fulmen.protocols import filesend
 from tests.conftest import TIMEOUT, RunningServer
 from tests.frameworks import apps_starlette
 from tests.frameworks.apps_starlette import app
 from tests.frameworks.conftest import APP_ERROR, ServeApp, check_websocket_echo
+from tests.protocols.test_filesend import count_sendfile
 
 
 def client(srv: RunningServer) -> httpx.Client:
@@ -128,14 +128,7 @@ def test_file_response_goes_zero_copy(
 ) -> None:
     """fulmen offers `http.response.pathsend`, so FileResponse hands the file over (through
     the app's BaseHTTPMiddleware) and it is sent with `os.sendfile`."""
-    counts: list[int] = []
-    real_sendfile = os.sendfile
-
-    def counting(out: int, fd: int, offset: int, count: int) -> int:
-        counts.append(count)
-        return real_sendfile(out, fd, offset, count)
-
-    monkeypatch.setattr(filesend.os, "sendfile", counting)
+    counts = count_sendfile(monkeypatch)
     with serve_app(app) as srv, client(srv) as http:
         for _ in range(3):
             response = http.get("/file")

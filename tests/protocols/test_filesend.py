@@ -88,9 +88,8 @@ def get(sock: socket.socket, path: str, method: str = "GET") -> None:
     sock.sendall(request(method, path))
 
 
-def test_pathsend_serves_the_file_with_its_length(serve, data_file, monkeypatch) -> None:
-    """Zero copy on plain TCP: the bytes come through `os.sendfile`; the length is the file's,
-    and the connection serves the next request."""
+def count_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `count` of each `os.sendfile` call the server makes from now on."""
     calls: list[int] = []
     real_sendfile = os.sendfile
 
@@ -99,6 +98,13 @@ def test_pathsend_serves_the_file_with_its_length(serve, data_file, monkeypatch)
         return real_sendfile(out, fd, offset, count)
 
     monkeypatch.setattr(filesend.os, "sendfile", counting)
+    return calls
+
+
+def test_pathsend_serves_the_file_with_its_length(serve, data_file, monkeypatch) -> None:
+    """Zero copy on plain TCP: the bytes come through `os.sendfile`; the length is the file's,
+    and the connection serves the next request."""
+    calls = count_sendfile(monkeypatch)
     app = FileApp(data_file)
     with serve(app) as srv, srv.connect() as sock:
         reader = Reader(sock)
