@@ -314,3 +314,89 @@ def test_http2_a_shrinking_file_resets_its_stream_only(serve, data_file) -> None
         assert len(response.body) < SIZE
         assert client.get("/ext").status == 200  # the connection goes on
         assert any(record.msg == APP_ERROR for record in srv.records)
+
+
+# Edge cases
+
+
+def one_message_app(message: dict[str, Any], headers: list[Any] | None = None) -> Any:
+    """Starts a 200 response (with `headers`), then sends `message`."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers or []})
+        await send(message)
+
+    return app
+
+
+def test_a_directory_is_a_500(serve_one, tmp_path) -> None:
+    with serve_one(
+        one_message_app({"type": "http.response.pathsend", "path": str(tmp_path)})
+    ) as srv:
+        with srv.connect() as sock:
+            get(sock, "/")
+            assert Reader(sock).response().status == 500
+        assert any(record.msg == APP_ERROR for record in srv.records)
+
+
+def test_an_empty_file(serve, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.touch()
+    app = one_message_app({"type": "http.response.pathsend", "path": str(empty)})
+    with serve(app) as srv, srv.connect() as sock:
+        get(sock, "/")
+        response = Reader(sock).response()
+    assert (response.status, response.get("content-length"), response.body) == (200, "0", b"")
+
+
+def test_a_file_longer_than_the_apps_length_is_refused(serve, data_file) -> None:
+    """Nothing of the file goes out: the head is sent, then the connection closes."""
+    message = {"type": "http.response.pathsend", "path": str(data_file)}
+    with serve(one_message_app(message, [(b"content-length", b"10")])) as srv:
+        with srv.connect() as sock:
+            get(sock, "/")
+            data = read_all(sock)
+        assert data.endswith(b"\r\n\r\n")
+        assert any(record.msg == APP_ERROR for record in srv.records)
+
+
+def test_trailers_after_a_file(serve, data_file) -> None:
+    """With trailers announced, the file goes chunked and the trailers follow it."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.pathsend", "path": str(data_file)})
+        await send({"type": "http.response.trailers", "headers": [(b"x-digest", b"done")]})
+
+    with serve(app) as srv, srv.connect() as sock:
+        sock.sendall(request(headers=[("te", "trailers")]))
+        data = read_all_until(sock, b"x-digest: done\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert len(body) > SIZE
+
+
+def read_all_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed before the end"
+        data += chunk
+    return data
+
+
+def test_a_client_leaving_mid_file_over_tls(serve_one, certs: Certs, tmp_path) -> None:
+    """The file is read in pieces over TLS: when the client leaves, the reading stops and the
+    app's send returns."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as file:
+        file.truncate(64 * 1024 * 1024)
+    app = FileApp(big)
+    options = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key}
+    with serve_one(app, **options) as srv:
+        url = f"https://127.0.0.1:{srv.port}/path"
+        client = httpx.Client(verify=certs.context(), timeout=TIMEOUT)
+        with client, client.stream("GET", url) as response:
+            assert len(next(response.iter_raw(65536))) > 0
+        assert app.sends_returned.wait(TIMEOUT)
+        assert not any(record.msg == APP_ERROR for record in srv.records)

@@ -288,12 +288,14 @@ class RequestCycle:
     async def _send_file(self, message: Message) -> None:
         """ASGI `http.response.pathsend` and `http.response.zerocopysend`: body bytes from a
         file (`fulmen.protocols.filesend`). Without a Content-Length from the app, a file that
-        ends the body gives it."""
+        ends the response gives it."""
         with FileBody(message) as file:
             more_body = file.more_body
             more = more_body or self.trailers is not None
             if self.phase is HEAD:
-                headers = self.headers if more_body else with_length(self.headers, file.count)
+                headers = self.headers
+                if not more:  # (with trailers, HTTP/1.1 needs chunked framing for them)
+                    headers = with_length(headers, file.count)
                 self.headers = headers
                 self.framer.send_head(self.status, headers, b"", True)
                 self.phase = BODY
