@@ -160,19 +160,24 @@ class WebSockets:
 
     async def _run(self) -> None:
         while not self.done.is_set():
+            ws = None
             try:
                 async with connect(self.url, ssl=self.tls, open_timeout=TIMEOUT) as ws:
                     await asyncio.wait_for(ws.recv(), TIMEOUT)  # the worker's pid: accepted
                     while not self.done.is_set():
-                        with contextlib.suppress(TimeoutError):
+                        # (asyncio.TimeoutError: the builtin one only from Python 3.11 on)
+                        with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(ws.recv(), 0.1)
             except ConnectionClosed as exc:
                 if exc.rcvd is not None and exc.rcvd.code == 1012:
                     self.restarts += 1
                 else:
                     self.failures.append(f"{time.monotonic():.3f} closed: {exc!r}")
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
+            except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
                 self.failures.append(f"{time.monotonic():.3f} {exc!r}")
+            finally:
+                if ws is not None:  # Python 3.10's TLS transport warns if collected unclosed
+                    ws.transport.close()
 
     def stop(self) -> None:
         self.done.set()
