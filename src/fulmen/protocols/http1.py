@@ -21,7 +21,13 @@ from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, webs
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
-from fulmen.protocols.scope import FILE_EXTENSIONS, OFFERED, endpoints, http_scope, tls_of
+from fulmen.protocols.scope import (
+    EXTENSIONS,
+    EXTENSIONS_HTTP10,
+    endpoints,
+    http_scope,
+    tls_of,
+)
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h1 import H1WebSocket
@@ -276,15 +282,11 @@ class H1Connection(H1Response, asyncio.Protocol):
             raw_path = origin_path(raw_path)
         proxy = self.proxy if forwarded else None
         if version == "1.1":  # RFC 9110 §15.2: no 1xx responses to an HTTP/1.0 client
-            extensions = {
-                "http.response.early_hint": OFFERED,
-                "http.response.pathsend": OFFERED,
-                "http.response.zerocopysend": OFFERED,
-            }
+            extensions = EXTENSIONS.copy()
             if te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
                 extensions["http.response.trailers"] = {}
         else:
-            extensions = dict(FILE_EXTENSIONS)
+            extensions = EXTENSIONS_HTTP10.copy()
         if self.tls is not None:
             extensions["tls"] = self.tls
         scope = http_scope(

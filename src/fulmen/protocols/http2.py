@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import cast
 
 from fulmen.protocols.cycle import RequestCycle, client_text
 from fulmen.protocols.flow import Stall
@@ -50,7 +50,7 @@ from fulmen.protocols.h2frames import (
 from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
-from fulmen.protocols.scope import OFFERED, endpoints, http_scope, tls_of
+from fulmen.protocols.scope import EXTENSIONS, endpoints, http_scope, tls_of
 from fulmen.protocols.tasks import start_task
 from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
 from fulmen.protocols.websocket_h2 import H2WebSocket
@@ -297,11 +297,7 @@ class H2Connection(asyncio.Protocol):
         """Start the app for a request; `body`: all of it, read already (h2c upgrade)."""
         state = self.state
         raw_path, _, query = request.path.partition(b"?")
-        extensions: dict[str, Any] = {
-            "http.response.early_hint": OFFERED,
-            "http.response.pathsend": OFFERED,
-            "http.response.zerocopysend": OFFERED,
-        }
+        extensions = EXTENSIONS.copy()
         if request.te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
             extensions["http.response.trailers"] = {}
         if self.tls is not None:

@@ -16,10 +16,15 @@ from fulmen.protocols.tls_scope import tls_extension
 from fulmen.state import ServerState
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.5"}
-# The entry of an offered ASGI extension that has no settings, shared by every scope.
-OFFERED: dict[str, object] = {}
-# Every request may answer with a body from a file (`fulmen.protocols.filesend`).
-FILE_EXTENSIONS = (("http.response.pathsend", OFFERED), ("http.response.zerocopysend", OFFERED))
+# The ASGI extensions every request is offered (each scope gets a copy, to which a protocol adds
+# `http.response.trailers` and `tls` where they apply): a body from a file
+# (`fulmen.protocols.filesend`) everywhere, 1xx early hints except to HTTP/1.0 (RFC 9110 §15.2).
+_OFFERED: dict[str, object] = {}  # the entry of an extension without settings
+EXTENSIONS_HTTP10: dict[str, Any] = {
+    "http.response.pathsend": _OFFERED,
+    "http.response.zerocopysend": _OFFERED,
+}
+EXTENSIONS: dict[str, Any] = {**EXTENSIONS_HTTP10, "http.response.early_hint": _OFFERED}
 # Method bytes -> str, so that the same methods share one string; bounded against junk methods.
 _METHODS: dict[bytes, str] = {}
 _METHODS_MAX = 64
