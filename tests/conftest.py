@@ -201,7 +201,10 @@ def wss_first_message(uri: str, context: ssl.SSLContext, sock: socket.socket | N
 
     async def first() -> Any:
         async with connect(uri, ssl=context, sock=sock, open_timeout=TIMEOUT) as websocket:
-            return await asyncio.wait_for(websocket.recv(), TIMEOUT)
+            try:
+                return await asyncio.wait_for(websocket.recv(), TIMEOUT)
+            finally:  # Python 3.10's TLS transport warns when collected unclosed
+                websocket.transport.close()
 
     return asyncio.run(first())
 
