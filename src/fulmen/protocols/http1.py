@@ -20,7 +20,7 @@ from fulmen.protocols.h1response import H1Response
 from fulmen.protocols.h1rules import check_length, keep_alive, origin_path, websocket_upgrade
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
-from fulmen.protocols.parsers import ParseError, Parser, check_transfer_coding
+from fulmen.protocols.parsers import PARKED, ParseError, Parser, check_transfer_coding
 from fulmen.protocols.scope import (
     EXTENSIONS,
     EXTENSIONS_HTTP10,
@@ -148,7 +148,10 @@ class H1Connection(H1Response, asyncio.Protocol):
                 return
         if self.idle:
             self.idle = False
-            self.deadline = self.state.clock + self.state.timeout_request_header
+            state = self.state
+            self.deadline = state.clock + state.timeout_request_header
+            if self.parser is PARKED:
+                self.parser = state.parser_factory(self, state.limits)
         try:
             self.parser.feed(data)
         except ParseError as exc:
@@ -496,6 +499,10 @@ class H1Connection(H1Response, asyncio.Protocol):
             else:
                 self.reject(408, "Request Timeout")
             return
+        if self.idle and self.parser.at_rest():
+            # Idle across a tick: drop the parser, a new one is made when bytes come.
+            self.parser.close()
+            self.parser = PARKED
         cycle = self.cycle
         if cycle is not None and cycle is self.parsing and cycle.body_timed_out(now):
             cycle.time_out_body()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from fulmen.protocols.parsers.base import (
+    PARKED,
     Limits,
     ParseError,
     Parser,
@@ -19,6 +20,7 @@ from fulmen.protocols.parsers.base import (
 )
 
 __all__ = [
+    "PARKED",
     "Limits",
     "ParseError",
     "Parser",

@@ -64,9 +64,35 @@ class Parser(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
+    def at_rest(self) -> bool:
+        """Between requests, with no byte of the next one received: the parser holds nothing
+        that a new one would not (the connection may drop it while idle, `Parked`)."""
+
     def close(self) -> None:
         """The connection is gone: drop the references back to it (its callbacks), so that
         it is freed at once rather than by the cyclic garbage collector. No feed follows."""
+
+
+class Parked:
+    """Stands for the parser of an idle keep-alive connection, dropped to save its memory (the
+    parser, llhttp's state and the last request's head: over 1 KiB). The connection makes a new
+    parser when bytes come, before it feeds any. One instance serves every connection."""
+
+    __slots__ = ()
+    upgraded = False
+    trailing = b""
+
+    def feed(self, data: bytes) -> None:
+        raise RuntimeError("A parked parser is replaced before it is fed")
+
+    def at_rest(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+PARKED = Parked()
 
 
 class ParserFactory(Protocol):

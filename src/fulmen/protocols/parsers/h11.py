@@ -58,6 +58,10 @@ class H11Parser:
         self.upgraded = False
         self.trailing = b""
 
+    def at_rest(self) -> bool:
+        head = self._head
+        return head is not None and not head and self._chunked is None and not self.upgraded
+
     def close(self) -> None:
         del self._callbacks
 

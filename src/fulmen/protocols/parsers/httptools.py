@@ -13,6 +13,7 @@ _ERROR_STATUS = {"Invalid HTTP version": 505}
 
 class HttptoolsParser:
     __slots__ = (
+        "_begun",
         "_callbacks",
         "_chunk",
         "_head_bytes",
@@ -37,6 +38,7 @@ class HttptoolsParser:
         self._head_size = 0  # bytes of the current head's complete lines
         self._head_bytes = 0  # bytes received since the last complete head
         self._in_body = False
+        self._begun = False  # a message has begun and not completed
         self._chunk = b""  # the data being fed, to tell HTTP/1.0 from RTSP/ICE
         self._request_headers = self._headers  # the last request's
         self._upgrade_body: ChunkedBody | LengthBody | None = None
@@ -73,10 +75,16 @@ class HttptoolsParser:
             # httptools buffers a header line until it is complete: bound what it may hold.
             raise ParseError(431, "Request header fields too large")
 
+    def at_rest(self) -> bool:
+        return not self._begun and self._upgrade_body is None and not self.upgraded
+
     def close(self) -> None:
         del self._callbacks, self._parser  # llhttp's parser holds our bound methods
 
-    # llhttp callbacks (there is no on_message_begin: state is reset when a head completes)
+    # llhttp callbacks (state is reset when a head completes)
+
+    def on_message_begin(self) -> None:
+        self._begun = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -114,7 +122,7 @@ class HttptoolsParser:
         self._callbacks.on_body(body)
 
     def on_message_complete(self) -> None:
-        self._in_body = False
+        self._in_body = self._begun = False
         if self._parser.should_upgrade():
             body = self._skipped_body()
             if body is not None:
