@@ -14,7 +14,7 @@ from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols import wire
 from fulmen.protocols.engines import engine_factory
-from fulmen.protocols.parsers import Limits, parser_class
+from fulmen.protocols.parsers import Limits, SpareParsers, parser_class
 from fulmen.protocols.tls_scope import server_cert
 from fulmen.types import ASGIApp
 
@@ -61,8 +61,8 @@ class ServerState:
         # Each request runs in a copy of the server's context, never of another request's.
         self.context = contextvars.copy_context()
         self.loop = loop
-        self.parser_factory = parser_class(config.http)
         self.limits = Limits(config.limit_request_line, config.h11_max_incomplete_event_size)
+        self.parsers = SpareParsers(parser_class(config.http), self.limits)
         self.root_path = config.root_path
         self.server_cert = server_cert(config.ssl_certfile)  # for the `tls` scope extension
         self.timeout_keep_alive = config.timeout_keep_alive

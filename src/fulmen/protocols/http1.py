@@ -129,7 +129,7 @@ class H1Connection(H1Response, asyncio.Protocol):
         state = self.state
         self.transport = transport = cast(asyncio.Transport, transport)
         self.flow = FlowControl(transport)
-        self.parser: Parser = state.parser_factory(self, state.limits)
+        self.parser: Parser = PARKED  # one is taken when the first bytes come
         self.endpoints = client, _, scheme = endpoints(transport)
         self.tls = tls_of(transport, state)
         if state.http2 is not None and scheme == "http":
@@ -151,7 +151,7 @@ class H1Connection(H1Response, asyncio.Protocol):
             state = self.state
             self.deadline = state.clock + state.timeout_request_header
             if self.parser is PARKED:
-                self.parser = state.parser_factory(self, state.limits)
+                self.parser = state.parsers.take(self)
         try:
             self.parser.feed(data)
         except ParseError as exc:
@@ -428,6 +428,10 @@ class H1Connection(H1Response, asyncio.Protocol):
         if self.next is None:
             self.idle = True
             self.deadline = state.clock + state.timeout_keep_alive
+            parser = self.parser
+            if parser.release():  # nothing of a next request came: an idle connection holds none
+                state.parsers.give(parser)
+                self.parser = PARKED
         elif not self.driving:
             # In a task, inside the previous app's send(): start the next one as a task of its
             # own. (Inside data_received, _drive starts it.)
@@ -499,10 +503,6 @@ class H1Connection(H1Response, asyncio.Protocol):
             else:
                 self.reject(408, "Request Timeout")
             return
-        if self.idle and self.parser.at_rest():
-            # Idle across a tick: drop the parser, a new one is made when bytes come.
-            self.parser.close()
-            self.parser = PARKED
         cycle = self.cycle
         if cycle is not None and cycle is self.parsing and cycle.body_timed_out(now):
             cycle.time_out_body()

@@ -16,6 +16,7 @@ from fulmen.protocols.parsers.base import (
     Parser,
     ParserCallbacks,
     ParserFactory,
+    SpareParsers,
     check_transfer_coding,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "Parser",
     "ParserCallbacks",
     "ParserFactory",
+    "SpareParsers",
     "check_transfer_coding",
     "parser_class",
 ]

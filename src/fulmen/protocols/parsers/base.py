@@ -64,19 +64,28 @@ class Parser(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
-    def at_rest(self) -> bool:
-        """Between requests, with no byte of the next one received: the parser holds nothing
-        that a new one would not (the connection may drop it while idle, `Parked`)."""
+    def release(self) -> bool:
+        """If between requests, with no byte of the next one received (the parser then holds
+        nothing a new one would not), let go of the connection (its callbacks) and of the last
+        request, and return True: the parser may serve another connection (`SpareParsers`)."""
+
+    def attach(self, callbacks: ParserCallbacks) -> None:
+        """Serve another connection: a spare parser, detached at rest."""
 
     def close(self) -> None:
         """The connection is gone: drop the references back to it (its callbacks), so that
         it is freed at once rather than by the cyclic garbage collector. No feed follows."""
 
 
+class ParserFactory(Protocol):
+    def __call__(self, callbacks: ParserCallbacks, limits: Limits) -> Parser: ...
+
+
 class Parked:
-    """Stands for the parser of an idle keep-alive connection, dropped to save its memory (the
-    parser, llhttp's state and the last request's head: over 1 KiB). The connection makes a new
-    parser when bytes come, before it feeds any. One instance serves every connection."""
+    """Stands for the parser of a connection between requests: an idle keep-alive connection
+    holds none (a parser, with llhttp's state and the last request's head, is over 1 KiB), and
+    takes one from `SpareParsers` when bytes come, before it feeds any. One instance serves
+    every connection."""
 
     __slots__ = ()
     upgraded = False
@@ -85,15 +94,45 @@ class Parked:
     def feed(self, data: bytes) -> None:
         raise RuntimeError("A parked parser is replaced before it is fed")
 
-    def at_rest(self) -> bool:
-        return True
+    def release(self) -> bool:
+        return False  # nothing to give back
+
+    def attach(self, callbacks: ParserCallbacks) -> None:
+        pass  # never given out: not at rest
 
     def close(self) -> None:
         pass
 
 
 PARKED = Parked()
+# Spare parsers kept for the next requests: enough for the connections busy at once on a
+# loaded server, few enough that idle connections cost nothing (a parser is about 1 KiB).
+MAX_SPARE = 256
 
 
-class ParserFactory(Protocol):
-    def __call__(self, callbacks: ParserCallbacks, limits: Limits) -> Parser: ...
+class SpareParsers:
+    """Parsers at rest, passed from connection to connection: a connection takes one when a
+    request begins and gives it back when its response is complete and nothing more came, so
+    a server holds about as many parsers as it has requests in progress."""
+
+    __slots__ = ("factory", "limits", "spare")
+
+    def __init__(self, factory: ParserFactory, limits: Limits) -> None:
+        self.factory = factory
+        self.limits = limits
+        self.spare: list[Parser] = []
+
+    def take(self, callbacks: ParserCallbacks) -> Parser:
+        spare = self.spare
+        if spare:
+            parser = spare.pop()
+            parser.attach(callbacks)
+            return parser
+        return self.factory(callbacks, self.limits)
+
+    def give(self, parser: Parser) -> None:
+        """`parser` is released by its connection."""
+        if len(self.spare) < MAX_SPARE:
+            self.spare.append(parser)
+        else:
+            parser.close()

@@ -58,9 +58,15 @@ class H11Parser:
         self.upgraded = False
         self.trailing = b""
 
-    def at_rest(self) -> bool:
+    def release(self) -> bool:
         head = self._head
-        return head is not None and not head and self._chunked is None and not self.upgraded
+        if head is None or head or self._chunked is not None or self.upgraded:
+            return False
+        del self._callbacks
+        return True
+
+    def attach(self, callbacks: ParserCallbacks) -> None:
+        self._callbacks = callbacks
 
     def close(self) -> None:
         del self._callbacks

@@ -75,8 +75,16 @@ class HttptoolsParser:
             # httptools buffers a header line until it is complete: bound what it may hold.
             raise ParseError(431, "Request header fields too large")
 
-    def at_rest(self) -> bool:
-        return not self._begun and self._upgrade_body is None and not self.upgraded
+    def release(self) -> bool:
+        if self._begun or self._upgrade_body is not None or self.upgraded:
+            return False
+        del self._callbacks
+        self._chunk = b""
+        self._request_headers = self._headers
+        return True
+
+    def attach(self, callbacks: ParserCallbacks) -> None:
+        self._callbacks = callbacks
 
     def close(self) -> None:
         del self._callbacks, self._parser  # llhttp's parser holds our bound methods
