@@ -166,3 +166,56 @@ def test_context_variables_do_not_leak_between_requests(serve, query: str) -> No
         (other,) = get(srv, request(path="/c"))
     assert [r.body for r in responses] == [b"unset", b"unset"]
     assert other.body == b"unset"
+
+
+# Objects shared between requests and connections (memory: see docs/benchmarks.md)
+
+
+def test_header_names_are_lowered_and_shared_between_requests(serve) -> None:
+    seen: list = []
+    with serve(recording_app(seen)) as srv:
+        get(srv, request(headers=[("X-Mixed-Case", "1")]), request(headers=[("x-mixed-CASE", "2")]))
+    first, second = ([h for h in scope["headers"] if h[0] == b"x-mixed-case"] for scope in seen)
+    assert first == [(b"x-mixed-case", b"1")] and second == [(b"x-mixed-case", b"2")]
+    if srv.server.config.http == "httptools":  # h11 lowers names itself
+        assert first[0][0] is second[0][0]
+
+
+def test_header_names_beyond_the_shared_ones_are_still_lowered(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fulmen.protocols.parsers import httptools
+
+    monkeypatch.setattr(httptools, "_NAMES", {})
+    monkeypatch.setattr(httptools, "_NAMES_MAX", 2)
+    seen: list = []
+    names = [(f"X-Name-{i}", str(i)) for i in range(5)]
+    with serve(recording_app(seen)) as srv:
+        get(srv, request(headers=names))
+    received = [h for h in seen[0]["headers"] if h[0].startswith(b"x-name-")]
+    assert received == [(f"x-name-{i}".encode(), str(i).encode()) for i in range(5)]
+
+
+def test_connections_share_the_server_address_and_the_client_host(serve) -> None:
+    seen: list = []
+    with serve(recording_app(seen)) as srv:
+        get(srv, request())
+        get(srv, request())
+    first, second = seen
+    assert first["server"] == ("127.0.0.1", srv.port) and first["server"] is second["server"]
+    assert first["client"][0] == "127.0.0.1" and first["client"][0] is second["client"][0]
+    assert first["client"][1] != second["client"][1]
+
+
+def test_server_addresses_beyond_the_shared_ones_are_forgotten(serve, monkeypatch) -> None:
+    from fulmen.protocols import scope
+
+    monkeypatch.setattr(scope, "_SERVERS", {("192.0.2.1", 80): ("192.0.2.1", 80)})
+    monkeypatch.setattr(scope, "_SERVERS_MAX", 1)
+    seen: list = []
+    with serve(recording_app(seen)) as srv:
+        get(srv, request())
+        get(srv, request())
+    assert seen[0]["server"] is seen[1]["server"]
+    address = ("127.0.0.1", srv.port)
+    assert list(scope._SERVERS.items()) == [(address, address)]

@@ -8,6 +8,7 @@ of the lifespan state, and the proxy headers of a trusted peer.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -34,17 +35,34 @@ Endpoints = tuple[tuple[str, int] | None, tuple[str, int] | None, str]
 
 
 def socket_address(info: object) -> tuple[str, int] | None:
-    """(host, port) of a socket address (`peername`, `sockname`); None for a Unix socket."""
+    """(host, port) of a socket address (`peername`, `sockname`); None for a Unix socket. The
+    host is interned: the connections from one address share it."""
     if isinstance(info, tuple) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
+        return (sys.intern(str(info[0])), int(info[1]))
     return None
+
+
+# The server addresses connections were accepted on (one per listener, or per local address a
+# wildcard listener is reached at), shared by their connections; forgotten when there are more
+# than `_SERVERS_MAX`.
+_SERVERS: dict[tuple[str, int], tuple[str, int]] = {}
+_SERVERS_MAX = 64
 
 
 def endpoints(transport: asyncio.BaseTransport) -> Endpoints:
     """(client, server, scheme) of a connection, as the scope reports them."""
+    server = socket_address(transport.get_extra_info("sockname"))
+    if server is not None:
+        shared = _SERVERS.get(server)
+        if shared is None:
+            if len(_SERVERS) >= _SERVERS_MAX:
+                _SERVERS.clear()
+            _SERVERS[server] = server
+        else:
+            server = shared
     return (
         socket_address(transport.get_extra_info("peername")),
-        socket_address(transport.get_extra_info("sockname")),
+        server,
         "https" if transport.get_extra_info("sslcontext") else "http",
     )
 

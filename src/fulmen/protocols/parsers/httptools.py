@@ -9,6 +9,18 @@ from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 
 # llhttp's messages for errors that mean something more precise than 400.
 _ERROR_STATUS = {"Invalid HTTP version": 505}
+# Field names as received -> lowercased, the first `_NAMES_MAX` distinct ones: the usual names
+# are looked up instead of lowered, and every request shares one bytes object per name.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 512
+
+
+def _lowered(name: bytes) -> bytes:
+    lowered = name.lower()
+    if len(_NAMES) < _NAMES_MAX:
+        lowered = _NAMES.setdefault(lowered, lowered)  # one object for every spelling
+        _NAMES[name] = lowered
+    return lowered
 
 
 class HttptoolsParser:
@@ -106,7 +118,7 @@ class HttptoolsParser:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._limits.head:
             raise ParseError(431, "Request header fields too large")
-        self._headers.append((name.lower(), value.rstrip(b" \t")))
+        self._headers.append((_NAMES.get(name) or _lowered(name), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
