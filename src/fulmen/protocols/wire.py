@@ -18,6 +18,8 @@ STATUS_LINES: dict[int, bytes] = {
 }
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
+CHUNK_END = b"\r\n"
+CHUNK_END_LAST = CHUNK_END + LAST_CHUNK
 # RFC 9110 §6.4.1: these never carry content.
 NO_BODY_STATUSES = frozenset({204, 304})
 
