@@ -73,8 +73,9 @@ class Parser(Protocol):
         """Serve another connection: a spare parser, detached at rest."""
 
     def close(self) -> None:
-        """The connection is gone: drop the references back to it (its callbacks), so that
-        it is freed at once rather than by the cyclic garbage collector. No feed follows."""
+        """The parser is done with (its connection is gone, or it is a spare too many): drop
+        the references back to the connection, if not released, and any cycle, so that both
+        are freed at once rather than by the cyclic garbage collector. No feed follows."""
 
 
 class ParserFactory(Protocol):

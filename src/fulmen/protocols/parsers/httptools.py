@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import httptools
 
 from fulmen.protocols.parsers.base import Limits, ParseError, ParserCallbacks
@@ -99,7 +101,9 @@ class HttptoolsParser:
         self._callbacks = callbacks
 
     def close(self) -> None:
-        del self._callbacks, self._parser  # llhttp's parser holds our bound methods
+        del self._parser  # it holds our bound methods: a cycle, left to the collector else
+        with contextlib.suppress(AttributeError):  # (a released parser holds no connection)
+            del self._callbacks
 
     # llhttp callbacks (state is reset when a head completes)
 
