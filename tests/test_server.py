@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -104,6 +105,37 @@ def test_run_serves_until_the_request_limit(monkeypatch) -> None:
         assert not thread.is_alive()
     assert errors == []
     assert "Maximum request limit of 2 exceeded. Terminating process." in messages(logs)
+
+
+async def freeze_count(scope, receive, send) -> None:
+    """Answers with how many objects the garbage collector has frozen."""
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body", "body": str(gc.get_freeze_count()).encode()})
+
+
+def test_run_freezes_the_objects_alive_at_startup_until_it_returns() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        fd = os.dup(sock.fileno())
+        thread = threading.Thread(
+            target=fulmen.run,
+            args=(freeze_count,),
+            kwargs={"fd": fd, "limit_max_requests": 1, "lifespan": "off", "loop": "asyncio"},
+        )
+        thread.start()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with httpx.Client(timeout=TIMEOUT) as client:
+            frozen = int(client.get(url).text)
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert frozen > 1000  # the modules, the app and everything else alive then
+    assert gc.get_freeze_count() == 0  # given back
+
+
+def test_serve_in_a_hosts_loop_freezes_nothing(serve_one) -> None:
+    with serve_one(freeze_count) as srv:
+        assert httpx.get(srv.url, timeout=TIMEOUT).text == "0"
 
 
 def test_app_object_leaves_sys_path_alone(serve_one) -> None:

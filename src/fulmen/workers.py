@@ -164,6 +164,7 @@ class FulmenWorker(Worker):  # type: ignore[misc]  # gunicorn has no type inform
         self.config.app = self.wsgi
         server = self.server
         factory = loop_factory(self.config.loop)
+        server.owns_process = True
         try:
             run_loop(self._serve(server), factory)
         except Exception:
