@@ -87,6 +87,39 @@ def test_engine_handles_reads_the_fast_path_cannot() -> None:
     assert _parse(engine.output(), mask=False).opcode is Opcode.PONG
 
 
+def test_the_frame_layer_is_made_only_when_needed() -> None:
+    """Whole data frames need no frame layer (an idle WebSocket holds none); the first read
+    that does gets a fresh one, which is then in the state it would have been in anyway."""
+    engine, _ = WebsocketsFactory(1 << 20, deflate=True)(None)
+    assert engine.receive(_client_frame(b"one") + _client_frame(b"two", Opcode.BINARY)) == [
+        (DATA, b"one", True, True),
+        (DATA, b"two", False, True),
+    ]
+    assert engine._protocol is None and engine.output() == b""
+    assert engine.message("out") == plain_frame("out")
+    first = _client_frame(b"frag", fin=False)
+    assert engine.receive(first) == [(DATA, b"frag", True, False)]
+    assert engine._protocol is not None
+    assert engine.receive(_client_frame(b"ment", Opcode.CONT)) == [(DATA, b"ment", None, True)]
+
+
+@pytest.mark.parametrize("kind", ["ping", "close"])
+def test_control_frames_sent_before_any_read(kind: str) -> None:
+    engine, _ = WebsocketsFactory(1 << 20, deflate=False)(None)
+    data = engine.ping(b"p") if kind == "ping" else engine.close(1001, "bye")
+    frame = _parse(data, mask=False)
+    assert frame.opcode is (Opcode.PING if kind == "ping" else Opcode.CLOSE)
+
+
+def test_an_agreed_extension_has_its_frame_layer_from_the_start() -> None:
+    factory = WebsocketsFactory(1 << 20, deflate=True)
+    engine, answer = factory(b"permessage-deflate; client_max_window_bits")
+    assert answer is not None and answer.startswith(b"permessage-deflate")
+    assert engine._protocol is not None and engine._protocol.extensions
+    refused, none = factory(b"x-unknown-extension")
+    assert none is None and refused._protocol is None
+
+
 def test_auto_prefers_websockets() -> None:
     assert engine_name("auto") == "websockets"
     assert engine_name("websockets-sansio") == "websockets"

@@ -32,18 +32,32 @@ class _ServerProtocol(Protocol):
 
 
 class WebsocketsEngine:
-    __slots__ = ("_failed", "_protocol")
+    """websockets' frame layer for one connection, made when first needed: until then the
+    connection has seen only whole data frames (`_whole_frames`), which change none of its
+    state, so a fresh one is the same. An idle WebSocket thus holds none (over 1 KiB)."""
 
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
+    __slots__ = ("_failed", "_max_size", "_protocol")
+
+    def __init__(self, protocol: Protocol | None, max_size: int) -> None:
+        self._protocol = protocol  # None: not needed yet (no extension agreed)
+        self._max_size = max_size
         self._failed = False
+
+    def _frame_layer(self) -> Protocol:
+        protocol = self._protocol
+        if protocol is None:
+            protocol = self._protocol = _ServerProtocol(SERVER, max_size=self._max_size)
+        return protocol
 
     def receive(self, data: bytes) -> list[Event]:
         protocol = self._protocol
-        if protocol.current_size is None and not protocol.reader.buffer and protocol.state is OPEN:
+        if protocol is None or (
+            protocol.current_size is None and not protocol.reader.buffer and protocol.state is OPEN
+        ):
             whole = _whole_frames(data)
             if whole is not None:
                 return whole
+            protocol = self._frame_layer()
         protocol.receive_data(data)
         events: list[Event] = []
         for frame in protocol.events_received():
@@ -59,23 +73,27 @@ class WebsocketsEngine:
         return events
 
     def output(self) -> bytes:
-        return b"".join(self._protocol.data_to_send())  # b"" (send EOF) is the caller's call
+        protocol = self._protocol
+        if protocol is None:
+            return b""
+        return b"".join(protocol.data_to_send())  # b"" (send EOF) is the caller's call
 
     def message(self, data: bytes | str) -> bytes:
-        if not self._protocol.extensions:
+        protocol = self._protocol
+        if protocol is None or not protocol.extensions:
             return plain_frame(data)
         if isinstance(data, str):
-            self._protocol.send_text(data.encode())
+            protocol.send_text(data.encode())
         else:
-            self._protocol.send_binary(data)
+            protocol.send_binary(data)
         return self.output()
 
     def close(self, code: int, reason: str) -> bytes:
-        self._protocol.send_close(code, reason)
+        self._frame_layer().send_close(code, reason)
         return self.output()
 
     def ping(self, payload: bytes) -> bytes:
-        self._protocol.send_ping(payload)
+        self._frame_layer().send_ping(payload)
         return self.output()
 
 
@@ -138,11 +156,11 @@ class WebsocketsFactory:
         self._deflate = ServerPerMessageDeflateFactory() if deflate else None
 
     def __call__(self, offer: bytes | None) -> tuple[WebsocketsEngine, bytes | None]:
+        if not offer or self._deflate is None:
+            return WebsocketsEngine(None, self._max_size), None
         protocol = _ServerProtocol(SERVER, max_size=self._max_size)
-        answer = None
-        if offer and self._deflate is not None:
-            answer = self._negotiate(protocol, offer.decode("latin-1"))
-        return WebsocketsEngine(protocol), answer
+        answer = self._negotiate(protocol, offer.decode("latin-1"))
+        return WebsocketsEngine(protocol if answer else None, self._max_size), answer
 
     def _negotiate(self, protocol: Protocol, offer: str) -> bytes | None:
         """RFC 7692 §5: accept the first permessage-deflate offer we can."""
