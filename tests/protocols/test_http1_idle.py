@@ -28,6 +28,15 @@ def parked(srv, conn) -> bool:
     return bool(in_loop(srv, lambda: conn.parser is PARKED))
 
 
+def conns(srv) -> list:
+    return list(in_loop(srv, lambda: list(srv.server.state.connections)))
+
+
+def tick(srv, conn) -> None:
+    """The connection's part of the server tick, now, on the server's loop."""
+    in_loop(srv, lambda: conn.check_timeout(srv.server.state.clock))
+
+
 def spares(srv) -> list:
     return list(in_loop(srv, lambda: srv.server.state.parsers.spare))
 
@@ -87,8 +96,11 @@ def test_a_connection_that_closes_gives_no_parser_back(serve) -> None:
         assert spares(srv) == []
 
 
-def test_spares_are_bounded(serve, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A parser given back beyond `MAX_SPARE` is dropped, and its connection serves on."""
+def test_beyond_the_spares_a_connection_keeps_its_parser_until_a_tick(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `MAX_SPARE` spares kept, a connection between requests keeps its parser (no new
+    one per request); the server tick frees it once the connection is found idle."""
     monkeypatch.setattr(base, "MAX_SPARE", 1)
     with serve(echo_app) as srv, srv.connect() as one, srv.connect() as two:
         readers = Reader(one), Reader(two)
@@ -98,8 +110,26 @@ def test_spares_are_bounded(serve, monkeypatch: pytest.MonkeyPatch) -> None:
             assert readers[1].response().body == b"GET /2 "
             one.sendall(b"x" * 50)
             assert readers[0].response().body == b"POST /1 " + b"x" * 100, round
-            assert len(spares(srv)) == 1  # the other parser was dropped
+            (spare,) = spares(srv)
+            holders = [conn for conn in conns(srv) if not parked(srv, conn)]
+            assert len(holders) == 1 and holders[0].parser is not spare
+            tick(srv, holders[0])
+            assert parked(srv, holders[0]) and spares(srv) == [spare]  # the other was freed
     assert not [r for r in srv.records if r.levelno >= logging.WARNING]
+
+
+def test_the_tick_leaves_a_parser_holding_the_next_request(serve) -> None:
+    with serve(echo_app) as srv, srv.connect() as sock:
+        reader = Reader(sock)
+        second = request(path="/second")
+        sock.sendall(request(path="/first") + second[:9])  # the parser holds the second's start
+        assert reader.response().body == b"GET /first "
+        conn = the_connection(srv)
+        tick(srv, conn)
+        assert not parked(srv, conn)  # not at rest: kept
+        sock.sendall(second[9:])
+        assert reader.response().body == b"GET /second "
+        assert parked(srv, conn)
 
 
 def test_the_parked_stand_in_is_never_fed() -> None:

@@ -428,9 +428,7 @@ class H1Connection(H1Response, asyncio.Protocol):
         if self.next is None:
             self.idle = True
             self.deadline = state.clock + state.timeout_keep_alive
-            parser = self.parser
-            if parser.release():  # nothing of a next request came: an idle connection holds none
-                state.parsers.give(parser)
+            if state.parsers.give(self.parser):  # nothing of a next request came
                 self.parser = PARKED
         elif not self.driving:
             # In a task, inside the previous app's send(): start the next one as a task of its
@@ -503,6 +501,8 @@ class H1Connection(H1Response, asyncio.Protocol):
             else:
                 self.reject(408, "Request Timeout")
             return
+        if self.idle and self.parser is not PARKED and self.state.parsers.drop(self.parser):
+            self.parser = PARKED  # an idle connection holds no parser past a tick
         cycle = self.cycle
         if cycle is not None and cycle is self.parsing and cycle.body_timed_out(now):
             cycle.time_out_body()

@@ -106,15 +106,17 @@ class Parked:
 
 
 PARKED = Parked()
-# Spare parsers kept for the next requests: enough for the connections busy at once on a
-# loaded server, few enough that idle connections cost nothing (a parser is about 1 KiB).
+# Spare parsers kept for the next requests: enough for the requests that start at once on a
+# loaded server, few enough that idle connections cost little (a parser is about 1 KiB).
 MAX_SPARE = 256
 
 
 class SpareParsers:
-    """Parsers at rest, passed from connection to connection: a connection takes one when a
-    request begins and gives it back when its response is complete and nothing more came, so
-    a server holds about as many parsers as it has requests in progress."""
+    """Parsers at rest, passed from connection to connection: a connection gives its parser
+    back when a response is complete and nothing more came (while there is room), and takes one
+    when bytes come; the server tick frees the parser of any connection found idle. So a server
+    holds about as many parsers as it has requests starting, never makes one per request, and an
+    idle connection holds none after a second."""
 
     __slots__ = ("factory", "limits", "spare")
 
@@ -131,9 +133,21 @@ class SpareParsers:
             return parser
         return self.factory(callbacks, self.limits)
 
-    def give(self, parser: Parser) -> None:
-        """`parser` is released by its connection."""
-        if len(self.spare) < MAX_SPARE:
-            self.spare.append(parser)
-        else:
-            parser.close()
+    def give(self, parser: Parser) -> bool:
+        """Keep `parser` as a spare if there is room and it is at rest (it is then released:
+        True); else its connection keeps it, rather than make a new one for its next request."""
+        spare = self.spare
+        if len(spare) < MAX_SPARE and parser.release():
+            spare.append(parser)
+            return True
+        return False
+
+    def drop(self, parser: Parser) -> bool:
+        """For a connection found idle by the tick: `parser`, if at rest, is released and kept
+        as a spare, or freed when there are enough (True)."""
+        if self.give(parser):
+            return True
+        if not parser.release():
+            return False
+        parser.close()
+        return True
