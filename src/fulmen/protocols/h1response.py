@@ -33,6 +33,17 @@ from fulmen.state import ServerState
 LARGE_CHUNK = 16384
 
 
+def write_gathered(transport: asyncio.Transport, pieces: tuple[bytes, ...]) -> None:
+    """Write `pieces` in order. uvloop's `writelines` sends them with one writev, under its flow
+    control. asyncio's joins them before Python 3.12, and from 3.12 skipped flow control until
+    CPython gh-127655 was fixed (3.12.9, 3.13.2): a client that reads nothing would let the
+    buffer grow without bound. So asyncio's transports get the pieces joined, in one write."""
+    if type(transport).__module__ == "uvloop.loop":
+        transport.writelines(pieces)
+    else:
+        transport.write(b"".join(pieces))
+
+
 class H1Response:
     """The response state of an HTTP/1.1 connection (`framing`, `remaining`: a request
     allocates no framer object) and the Framer calls that write it. The connection
@@ -120,19 +131,19 @@ class H1Response:
         if large is None:
             self.transport.write(b"".join(parts))
         else:
-            self.transport.writelines((b"".join(parts), *large))
+            write_gathered(self.transport, (b"".join(parts), *large))
 
     def send_body(self, body: bytes, more_body: bool) -> None:
         if len(body) >= LARGE_CHUNK:
-            self.transport.writelines(self._framed_large(body, more_body))
+            write_gathered(self.transport, self._framed_large(body, more_body))
             return
         data = self._framed(body, more_body)
         if data:
             self.transport.write(data)
 
     def _framed_large(self, body: bytes, more_body: bool) -> tuple[bytes, ...]:
-        """A large body framed as pieces for one `writelines` (writev on uvloop, and on asyncio
-        from Python 3.12), so that it is not copied into a framed bytes object."""
+        """A large body framed as pieces for `write_gathered`, so that it is not copied into a
+        framed bytes object."""
         if self.framing is CHUNKED:
             end = wire.CHUNK_END if more_body else wire.CHUNK_END_LAST
             return (b"%x\r\n" % len(body), body, end)
