@@ -145,9 +145,10 @@ class SpareParsers:
     def drop(self, parser: Parser) -> bool:
         """For a connection found idle by the tick: `parser`, if at rest, is released and kept
         as a spare, or freed when there are enough (True)."""
-        if self.give(parser):
-            return True
         if not parser.release():
             return False
-        parser.close()
+        if len(self.spare) < MAX_SPARE:
+            self.spare.append(parser)
+        else:
+            parser.close()
         return True
