@@ -302,7 +302,10 @@ class RequestCycle:
             if self.scope["method"] == "HEAD":
                 self.framer.send_body(b"", more)  # the head says the length, no body follows
             elif not await file.send(self.framer, more, self._gone):
-                return  # the client has left
+                # The client has left (a reset seen by the send itself comes before the loop
+                # reports the connection lost): the app's return ends nothing unfinished.
+                self.on_disconnect()
+                return
         if not more_body:
             if more:
                 self.phase = TRAILERS
