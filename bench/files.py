@@ -14,6 +14,10 @@ runs on `$CLIENT_CPU` (default 0). Scenarios, each on a freshly started server:
   `FileResponse` for `--duration` s; the server's RSS (its process tree) is sampled every
   0.2 s: `base_kib` before, `peak_kib` during, `growth_kib` the difference.
 
+Each line ends with `log_errors=N`, the lines of the server's log that report an error or a
+traceback during that measurement (the first three go to stderr): a load run is only good if
+the server logged none.
+
 One line per server and scenario, in the shared harness's format
 (`NAME SCENARIO req_per_s p50_ms p99_ms errors key=value...`, `MB/s=` among the extras), then
 a table of the medians over the rounds with the first NAME's ratio to each other server. With
@@ -104,6 +108,8 @@ def measure(name: str, command: str, scenario: str, args: argparse.Namespace, wo
     path = work / f"{size}.bin"
     if not path.exists():
         path.write_bytes(os.urandom(size))
+    log = work / f"{name}-{app.split(':')[1]}.log"
+    logged = log.stat().st_size if log.exists() else 0
     server, port = start(command, app, path, work, name)
     try:
         if args.warmup:
@@ -116,7 +122,18 @@ def measure(name: str, command: str, scenario: str, args: argparse.Namespace, wo
     line = f"{name} {scenario} {parse_wrk(out)}"
     if scenario == "file-memory":
         line += f" base_kib={base} peak_kib={peak} growth_kib={peak - base}"
-    return line
+    errors = _errors(log, logged)
+    for error in errors[:3]:  # the server's log goes with the scratch directory: show them
+        print(f"{name} {scenario}: {error}", file=sys.stderr)
+    return line + f" log_errors={len(errors)}"
+
+
+def _errors(log: Path, offset: int) -> list[str]:
+    """The lines from `offset` on of a server's log that report an error or a traceback."""
+    with open(log, "rb") as file:
+        file.seek(offset)
+        lines = file.read().decode(errors="replace").splitlines()
+    return [line for line in lines if "ERROR" in line or line.startswith("Traceback")]
 
 
 def table(lines: list[str], names: list[str], scenarios: list[str]) -> str:
