@@ -357,6 +357,18 @@ def test_a_directory_is_a_500(serve_one, tmp_path) -> None:
         assert any(record.msg == APP_ERROR for record in srv.records)
 
 
+def test_a_named_pipe_is_a_500_not_a_blocked_server(serve_one, tmp_path) -> None:
+    """Opening a FIFO for reading waits for a writer: the server must not wait with it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with serve_one(one_message_app({"type": "http.response.pathsend", "path": str(fifo)})) as srv:
+        for _ in range(2):  # the server still answers after the first
+            with srv.connect() as sock:
+                get(sock, "/")
+                assert Reader(sock).response().status == 500
+        assert sum(record.msg == APP_ERROR for record in srv.records) == 2
+
+
 def test_an_empty_file(serve, tmp_path) -> None:
     empty = tmp_path / "empty"
     empty.touch()

@@ -37,6 +37,7 @@ FILE_CHUNK = 256 * 1024  # bytes read and sent at a time where the file cannot g
 # it bounds kernel memory per download. It limits unsent bytes only, not bytes in flight.
 UNSENT_LOWAT = 128 * 1024
 _NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
 ZERO_COPY = hasattr(os, "sendfile")  # os.sendfile into a socket (not on Windows)
 PATHSEND = "http.response.pathsend"
 ZEROCOPYSEND = "http.response.zerocopysend"
@@ -67,7 +68,9 @@ class FileBody:
         self.more_body = False
         self.seek = False
         if self.opened:
-            self.fd = os.open(message["path"], os.O_RDONLY)
+            # Non-blocking: opening a FIFO would otherwise wait for a writer, and the loop
+            # with it (a regular file ignores the flag).
+            self.fd = os.open(message["path"], _OPEN_FLAGS)
             info = os.fstat(self.fd)
             if not stat.S_ISREG(info.st_mode):
                 os.close(self.fd)
