@@ -9,6 +9,8 @@ resolves) with `BENCH_FILE` naming the file to serve, pinned to `$SERVER_CPU` (d
 runs on `$CLIENT_CPU` (default 0). Scenarios, each on a freshly started server:
 
 - `file-starlette`: wrk -t1 -c64, GET of a 1 MiB file through Starlette's `FileResponse`;
+- `file-starlette-stat`: the same with the file's stat given to `FileResponse`, which then
+  makes no thread hop per request (it otherwise runs `os.stat` in anyio's worker threads);
 - `file-pathsend`: the same through a raw ASGI app (`http.response.pathsend` where offered);
 - with `--memory`, `file-memory`: 64 connections downloading a 100 MiB file through
   `FileResponse` for `--duration` s; the server's RSS (its process tree) is sampled every
@@ -48,6 +50,7 @@ SERVER_CPU = os.environ.get("SERVER_CPU", "1")
 CLIENT_CPU = os.environ.get("CLIENT_CPU", "0")
 SCENARIOS = {  # name: (app, file size)
     "file-starlette": ("file_apps:starlette", 1 << 20),
+    "file-starlette-stat": ("file_apps:starlette_stat", 1 << 20),
     "file-pathsend": ("file_apps:pathsend", 1 << 20),
     "file-memory": ("file_apps:starlette", 100 << 20),
 }
@@ -182,7 +185,8 @@ def main() -> None:
     if len(args.servers) % 2:
         parser.error("servers come as NAME 'COMMAND' pairs")
     servers = list(zip(args.servers[::2], args.servers[1::2], strict=True))
-    scenarios = ["file-starlette", "file-pathsend"] + (["file-memory"] if args.memory else [])
+    scenarios = ["file-starlette", "file-starlette-stat", "file-pathsend"]
+    scenarios += ["file-memory"] if args.memory else []
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-files.") as scratch:
         work = Path(scratch)
