@@ -63,7 +63,8 @@ class RunningServer:
         return sock
 
 
-def _start(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[RunningServer]:
+def start_server(app: Any, loop_name: str, options: dict[str, Any]) -> Iterator[RunningServer]:
+    """A real server in a thread, on an ephemeral port, until the generator is closed."""
     options.setdefault("lifespan", "off")
     options.setdefault("log_level", "debug")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -138,7 +139,7 @@ def serve(http: str, loop: str) -> Callable[..., contextlib.AbstractContextManag
     @contextlib.contextmanager
     def start(app: Any, **options: Any) -> Iterator[RunningServer]:
         options.setdefault("http", http)
-        yield from _start(app, loop, options)
+        yield from start_server(app, loop, options)
 
     return start
 
@@ -158,7 +159,7 @@ def serve_ws(
     def start(app: Any, **options: Any) -> Iterator[RunningServer]:
         options.setdefault("http", http)
         options.setdefault("ws", engine)
-        yield from _start(app, loop, options)
+        yield from start_server(app, loop, options)
 
     return start
 
@@ -170,7 +171,7 @@ def serve_one() -> Callable[..., contextlib.AbstractContextManager[RunningServer
     @contextlib.contextmanager
     def start(app: Any, **options: Any) -> Iterator[RunningServer]:
         options.setdefault("http", "httptools")
-        yield from _start(app, options.pop("loop", "asyncio"), options)
+        yield from start_server(app, options.pop("loop", "asyncio"), options)
 
     return start
 

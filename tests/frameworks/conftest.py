@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
-from tests.conftest import TIMEOUT, RunningServer, _start
+from tests.conftest import TIMEOUT, RunningServer, start_server
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -28,7 +28,7 @@ def serve_app(
     @contextlib.contextmanager
     def start(app: Any, **options: Any) -> Iterator[RunningServer]:
         options.setdefault("http", "httptools")
-        yield from _start(app, loop, options)
+        yield from start_server(app, loop, options)
 
     return start
 

@@ -212,11 +212,12 @@ class RequestCycle:
         watch.seen, watch.mark = now, received
         return watch.idle >= limit or watch.waited >= limit + received / MIN_BODY_RATE
 
-    def time_out_body(self) -> None:
-        """The body comes too slowly: 408 (the connection, or the stream, then ends) if no
-        response was sent yet, else the response is cut. The app sees `http.disconnect`."""
+    def refuse_body(self, status: int, phrase: bytes) -> None:
+        """The body cannot be read (it comes too slowly: 408; it is malformed: 400): `status`
+        (the connection, or the stream, then ends) if no response was sent yet, else the
+        response is cut. The app sees `http.disconnect`."""
         if self.phase is START or self.phase is HEAD:
-            self.reject(408, b"Request Timeout")
+            self.reject(status, phrase)
         elif self.phase is not DONE:
             self.framer.abort()
         self.on_disconnect()

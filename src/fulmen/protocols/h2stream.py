@@ -390,7 +390,7 @@ class H2Stream:
         client gives no window for (`--timeout-send`): this stream alone ends."""
         cycle = self.cycle
         if cycle is not None and self.tunnel is None and cycle.body_timed_out(now):
-            cycle.time_out_body()
+            cycle.refuse_body(408, b"Request Timeout")
             return
         pending = self.pending
         stall: Stall | None = getattr(self, "stall", None)

@@ -262,6 +262,8 @@ class H1Connection(H1Response, asyncio.Protocol):
                     forwarded = True
         if version not in _VERSIONS:
             raise ParseError(505, f"HTTP version {version} not supported")
+        if coding is not None:  # (before the Host rule, as the h11 adapter meets it)
+            check_transfer_coding(coding, length is not None)
         if host_count > 1 or (version == "1.1" and host_count == 0):
             raise ParseError(400, "Missing or duplicate Host header")
         if host_count and not wire.valid_host(host):
@@ -270,9 +272,7 @@ class H1Connection(H1Response, asyncio.Protocol):
             method, target, version, headers, upgrade, connection, length, coding
         ):
             return
-        if coding is not None:
-            check_transfer_coding(coding, length is not None)
-        elif length is not None and state.limit_request_body is not None:
+        if coding is None and length is not None and state.limit_request_body is not None:
             check_length(int(length), state.limit_request_body)
         self.deadline = 0.0
         if self.last is not None:
@@ -394,6 +394,9 @@ class H1Connection(H1Response, asyncio.Protocol):
         self.cycle = cycle
         state = self.state
         limit = state.limit_concurrency
+        if cycle.status:  # refused before its turn (`_refuse_body`): its app does not run
+            cycle.reject(cycle.status, wire.status_line(cycle.status)[13:-2])
+            return
         if limit and len(state.tasks) >= limit:  # requests running, on all connections
             cycle.reject(503, b"Service Unavailable")
             return
@@ -459,13 +462,18 @@ class H1Connection(H1Response, asyncio.Protocol):
     def reject(self, status: int, reason: str) -> None:
         """Answer a request that cannot be served with `status`, then close the connection.
 
-        Requests queued before the bad one are answered first; a body that turns out malformed
-        ends the connection (its app sees `http.disconnect`).
+        Requests queued before the bad one are answered first. A body that turns out malformed
+        (or over the limit) is answered the same way unless its response has begun
+        (`_refuse_body`).
         """
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Rejected request (%d): %s", status, wire.escape(reason))
+        parsing = self.parsing
+        if parsing is not None:
+            self._refuse_body(parsing, status)
+            return
         before = self.pipeline[-1] if self.pipeline else (self.next or self.cycle)
-        if before is not None and self.parsing is None:
+        if before is not None:
             self.flow.pause_reading()
             if self.last is None:
                 self.last = before
@@ -481,6 +489,19 @@ class H1Connection(H1Response, asyncio.Protocol):
                 self._release()
             return
         self.transport.close()
+
+    def _refuse_body(self, cycle: RequestCycle, status: int) -> None:
+        """The body of `cycle` cannot be read: nothing more is parsed, the connection ends after
+        `cycle`, which is answered `status` if its response has not begun (else it is cut)
+        and whose app sees `http.disconnect`; one still queued is answered when its turn comes,
+        without running its app."""
+        self.parsing = None
+        self.flow.pause_reading()
+        self.last = cycle
+        if cycle is self.cycle:
+            cycle.refuse_body(status, wire.status_line(status)[13:-2])
+        else:
+            cycle.status = status  # `_start` refuses it
 
     def _close(self, lingering: bool = True) -> None:
         """Close, `lingering` (`fulmen.protocols.linger`) unless the client said it sends
@@ -505,7 +526,7 @@ class H1Connection(H1Response, asyncio.Protocol):
             self.parser = PARKED  # an idle connection holds no parser past a tick
         cycle = self.cycle
         if cycle is not None and cycle is self.parsing and cycle.body_timed_out(now):
-            cycle.time_out_body()
+            cycle.refuse_body(408, b"Request Timeout")
         elif self.flow.stalled(now, self.state.timeout_send):
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("Closed a connection whose client reads nothing of its response")

@@ -36,12 +36,15 @@ def check_transfer_coding(coding: bytes, has_length: bool) -> None:
     Shared by both adapters' callers, so the status does not depend on which parser noticed:
     RFC 9112 §6.1: never with Content-Length (400); §6.3 and §7: `chunked` must be the final
     coding and applied only once (400: the framing is ambiguous); a coding before it that the
-    server does not implement (any: fulmen decodes none) is 501.
+    server does not implement (any: fulmen decodes none) is 501. Empty list elements are
+    ignored (RFC 9110 §5.6.1), but not after `chunked`: to a recipient that did not ignore it,
+    `chunked` would not be final (llhttp refuses it too).
     """
     if has_length:
         raise ParseError(400, "Content-Length with Transfer-Encoding")
-    codings = [item.strip().lower() for item in coding.split(b",")]
-    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+    items = [item.strip(b" \t") for item in coding.lower().split(b",")]
+    codings = [item for item in items if item]
+    if items[-1] != b"chunked" or codings.count(b"chunked") > 1:
         # §6.3: without a final `chunked` the body length cannot be known: 400 is a MUST.
         raise ParseError(400, "Invalid Transfer-Encoding")
     if len(codings) > 1:

@@ -20,7 +20,9 @@ TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:;%b(?:=(?:%b|%b)?)?)*" % (TOKEN, TOKEN, _QUOTED))
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_FIELD_LINE = re.compile(rb"%b:[ \t]*(?:%b+(?:[ \t]+%b+)*)?[ \t]*" % (TOKEN, _VCHAR, _VCHAR))
+FIELD_LINE = re.compile(rb"%b:[ \t]*(?:%b+(?:[ \t]+%b+)*)?[ \t]*" % (TOKEN, _VCHAR, _VCHAR))
+
+_FRAMING_FIELD = re.compile(rb"(?:content-length|transfer-encoding):", re.IGNORECASE)
 
 
 class Part(enum.Enum):
@@ -87,8 +89,12 @@ class ChunkedBody:
                     self._trailer_size += len(line) + 2
                     if self._trailer_size > self._limit:
                         raise ParseError(431, "Trailer section too large")
-                    if _FIELD_LINE.fullmatch(line) is None:
+                    if FIELD_LINE.fullmatch(line) is None:
                         raise ParseError(400, "Invalid trailer field")
+                    if _FRAMING_FIELD.match(line):
+                        # RFC 9110 §6.5.1: framing fields never go in trailers. Refused, as
+                        # llhttp refuses them, so that both parsers answer alike.
+                        raise ParseError(400, "Framing field in trailer section")
                 else:
                     self._buffer = b""
                     return buffer[pos:]

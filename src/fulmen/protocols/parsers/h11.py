@@ -6,9 +6,10 @@ with a fresh `h11.Connection` per request fed the previous one's unparsed bytes.
 h11 is more lenient than llhttp (strict) in places that matter for request smuggling: it
 folds obs-fold lines, accepts bare LF line endings, merges identical duplicate Content-Length
 fields, keeps control characters in field values and accepts any bytes after `;` in a chunk
-header (even a bare CR) and bare LF in the trailer section. The adapter keeps the raw head until
-h11 emits the request and rejects those, and reads chunked bodies itself, strictly, so both
-parsers accept and reject the same requests (checked against llhttp's own test vectors in
+header (even a bare CR) and bare LF in the trailer section; and it judges a head only once all
+of it has come. The adapter checks the head as its bytes arrive (`strict.HeadCheck`), as llhttp
+does, and reads chunked bodies itself, strictly, so both parsers accept and reject the same
+requests, as soon as the bytes show it (checked against llhttp's own test vectors in
 tests/protocols/test_llhttp_corpus.py).
 """
 
@@ -20,16 +21,16 @@ import re
 import h11
 
 from fulmen.protocols.parsers.base import Limits, ParseError, ParserCallbacks, check_transfer_coding
-from fulmen.protocols.parsers.bodies import MAX_LENGTH, TOKEN, ChunkedBody
+from fulmen.protocols.parsers.bodies import TOKEN, ChunkedBody
+from fulmen.protocols.parsers.strict import HeadCheck
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_OBS_FOLD = re.compile(rb"\n[ \t]")  # RFC 9112 §5.2: reject obs-fold in requests
-_BARE_LF = re.compile(rb"(?<!\r)\n")  # RFC 9112 §2.2: bare LF is not a line ending here
-# RFC 9110 §5.5: CTLs other than HTAB are invalid in field values; llhttp rejects them (h11
-# rejects NUL and whitespace controls itself, bare CR included).
-_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_TRANSFER_ENCODING_LINE = re.compile(
+    rb"^transfer-encoding[ \t]*:[^\r\n]*\r\n", re.IGNORECASE | re.MULTILINE
+)
+_CHUNKED = b"transfer-encoding: chunked\r\n"
 _UPGRADE = re.compile(rb"\nupgrade[ \t]*:", re.IGNORECASE)
 _CONNECTION_UPGRADE = re.compile(
     rb"\nconnection[ \t]*:(?:[^\r\n]*,)?[ \t]*upgrade[ \t]*(?:,|\r?$)", re.IGNORECASE | re.MULTILINE
@@ -40,6 +41,7 @@ _SIMPLE_REQUEST = re.compile(rb"%b /[!-~]*\r?\n" % TOKEN)  # HTTP/0.9 (no versio
 class H11Parser:
     __slots__ = (
         "_callbacks",
+        "_check",
         "_chunked",
         "_conn",
         "_head",
@@ -54,6 +56,7 @@ class H11Parser:
         self._limits = limits
         self._conn = self._new_connection()
         self._head: bytearray | None = bytearray()
+        self._check = HeadCheck()
         self._chunked: ChunkedBody | None = None  # the chunked body being read, if any
         self._switch = False  # the request asks for a protocol switch (llhttp's rule)
         self.upgraded = False
@@ -92,6 +95,7 @@ class H11Parser:
                 if not data:
                     return  # receive_data(b"") would mean the client closed
             head += data
+            self._check.feed(head)
         self._conn.receive_data(data)
         self._drain()
 
@@ -102,7 +106,10 @@ class H11Parser:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise self._error(exc) from None
+                if exc.error_status_hint != 501:
+                    raise self._error(exc) from None
+                conn = self._as_chunked()
+                continue
             if isinstance(event, h11.Data):
                 callbacks.on_body(bytes(event.data))
             elif isinstance(event, h11.Request):
@@ -126,7 +133,9 @@ class H11Parser:
         pending = self._conn.trailing_data[0].lstrip(b"\r\n")  # RFC 9112 §2.2, as in feed()
         self._conn = self._new_connection()
         self._head = bytearray(pending)
+        self._check.reset()
         if pending:  # receive_data(b"") would mean the client closed
+            self._check.feed(pending)
             self._conn.receive_data(pending)
         return self._conn
 
@@ -143,19 +152,37 @@ class H11Parser:
             return
         self._conn = self._new_connection()
         self._head = bytearray()
+        self._check.reset()
         self.feed(rest)
 
     def _upgrade(self, rest: bytes) -> None:
         self.upgraded = True
         self.trailing = bytes(rest)
 
+    def _as_chunked(self) -> h11.Connection:
+        """h11 refused the head's Transfer-Encoding (501: it takes one field, `chunked`, only):
+        fulmen's rule (`check_transfer_coding`) decides instead, as for llhttp's requests. What
+        it accepts, `chunked` with empty list elements (RFC 9110 §5.6.1: ignored), is read again
+        with that one field as `chunked`. An empty field is refused, as llhttp refuses it."""
+        raw = bytes(self._head or b"")
+        end = _HEAD_END.search(raw)
+        assert end is not None  # h11 checks the fields of a whole head only
+        head, rest = raw[: end.end()], raw[end.end() :]
+        codings = _TRANSFER_ENCODING.findall(head)
+        if not all(coding.strip(b" \t") for coding in codings):
+            raise ParseError(400, "Empty Transfer-Encoding")
+        check_transfer_coding(b",".join(codings), _CONTENT_LENGTH.search(head) is not None)
+        line_end = head.index(b"\n") + 1
+        head = head[:line_end] + _CHUNKED + _TRANSFER_ENCODING_LINE.sub(b"", head[line_end:])
+        self._conn = self._new_connection()
+        self._head = bytearray(head + rest)
+        self._conn.receive_data(bytes(self._head))
+        return self._conn
+
     def _error(self, exc: h11.RemoteProtocolError) -> ParseError:
         """The ParseError for h11's error, with the status llhttp and http1.py would give."""
         status, head = exc.error_status_hint, bytes(self._head or b"")
-        if status == 501:  # h11 knows only a lone `chunked`: apply fulmen's rule instead
-            coding = b",".join(_TRANSFER_ENCODING.findall(head))
-            check_transfer_coding(coding, _CONTENT_LENGTH.search(head) is not None)
-        elif status == 431:  # h11 counts the whole head; a request line too long is 414
+        if status == 431:  # h11 counts the whole head; a request line too long is 414
             self._check_incomplete()
         elif _SIMPLE_REQUEST.match(head):
             return ParseError(505, "HTTP version 0.9 not supported")
@@ -177,15 +204,9 @@ class H11Parser:
             raise ParseError(414, "Request line too long")
         if len(raw) > self._limits.head:
             raise ParseError(431, "Request header fields too large")
-        if _BARE_LF.search(raw) or _OBS_FOLD.search(raw):
-            raise ParseError(400, "Invalid line ending or obs-fold in request head")
-        if _CONTROL.search(raw):
-            raise ParseError(400, "Invalid character in request head")
-        lengths = _CONTENT_LENGTH.findall(raw)
-        if len(lengths) > 1 or (lengths and b"," in lengths[0]):
-            raise ParseError(400, "Duplicate Content-Length")
-        if lengths and int(lengths[0]) >= MAX_LENGTH:
-            raise ParseError(400, "Content-Length too large")
+        if event.method == b"PRI":
+            # RFC 9113 §3.4, §11.6: the method of HTTP/2's connection preface, never a request.
+            raise ParseError(400, "HTTP/2 connection preface")
         # As llhttp: a CONNECT, or an Upgrade header with `Connection: upgrade`, ends HTTP on this
         # connection (h11 alone would stop at any Upgrade header).
         self._switch = event.method == b"CONNECT" or (

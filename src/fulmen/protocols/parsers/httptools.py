@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import httptools
 
@@ -13,8 +14,18 @@ from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 _ERROR_STATUS = {"Invalid HTTP version": 505}
 # Field names as received -> lowercased, the first `_NAMES_MAX` distinct ones: the usual names
 # are looked up instead of lowered, and every request shares one bytes object per name.
+_TWO_SPACES = re.compile(b"  ")  # (a regex finds it faster than `in` does)
+# The end of a request line, by the version llhttp read (it knows these four).
+_LINE_ENDS = {v: b" HTTP/%b\r\n" % v.encode() for v in ("1.1", "1.0", "2.0", "0.9")}
 _NAMES: dict[bytes, bytes] = {}
 _NAMES_MAX = 512
+
+
+def _request_lines(method: bytes, url: bytes, version: str) -> tuple[bytes, ...]:
+    """The request line llhttp read, as RFC 9112 §3 writes it: one space between the parts.
+    HTTP/0.9's has no version (it is answered 505)."""
+    line = method + b" " + url + (_LINE_ENDS.get(version) or b" HTTP/%b\r\n" % version.encode())
+    return (line, method + b" " + url + b"\r\n") if version == "0.9" else (line,)
 
 
 def _lowered(name: bytes) -> bytes:
@@ -33,8 +44,10 @@ class HttptoolsParser:
         "_head_bytes",
         "_head_size",
         "_headers",
+        "_held",
         "_in_body",
         "_limits",
+        "_line_from",
         "_parser",
         "_request_headers",
         "_upgrade_body",
@@ -54,6 +67,10 @@ class HttptoolsParser:
         self._in_body = False
         self._begun = False  # a message has begun and not completed
         self._chunk = b""  # the data being fed, to tell HTTP/1.0 from RTSP/ICE
+        # Where in it (after `_held`) the next request line is looked for (`_check_line`),
+        # and the bytes of earlier data it may begin in, kept while a head is incomplete.
+        self._line_from = 0
+        self._held = b""
         self._request_headers = self._headers  # the last request's
         self._upgrade_body: ChunkedBody | LengthBody | None = None
         self.upgraded = False
@@ -67,6 +84,7 @@ class HttptoolsParser:
             self.trailing += data
             return
         self._chunk = data
+        self._line_from = 0
         if not self._in_body:
             self._head_bytes += len(data)
         try:
@@ -88,6 +106,8 @@ class HttptoolsParser:
         if self._head_bytes > self._limits.head:
             # httptools buffers a header line until it is complete: bound what it may hold.
             raise ParseError(431, "Request header fields too large")
+        if self._begun and not self._in_body:  # a head goes on in the next data
+            self._mid_head(data)
 
     def release(self) -> bool:
         if self._begun or self._upgrade_body is not None or self.upgraded:
@@ -135,7 +155,50 @@ class HttptoolsParser:
         version = parser.get_http_version()
         if version == "1.0" and self._other_protocol(url):
             raise ParseError(400, "Not an HTTP request")
-        self._callbacks.on_request(parser.get_method(), url, version, headers)
+        method = parser.get_method()
+        if self._held or _TWO_SPACES.search(self._chunk):  # else no line here has two
+            self._check_line(method, url, version)
+        self._callbacks.on_request(method, url, version, headers)
+
+    def _mid_head(self, data: bytes) -> None:
+        """The data ends inside a head: keep what its request line may begin in, and check
+        that line already if it is whole, so that a bad one is answered now."""
+        held = (self._held + data)[self._line_from :]
+        # Not before the end of the last whole head: the head going on starts after it. (The
+        # body of a request before it may still be there: a line in it that reads as this
+        # head's request line would pass for it.)
+        self._held = held = held[held.rfind(b"\r\n\r\n") + 4 :] if b"\r\n\r\n" in held else held
+        self._line_from = 0
+        url = self._url
+        if not url:  # (the request line has not come to its target yet)
+            return
+        parser = self._parser
+        method = parser.get_method()
+        # The head's request line is the last line to start with its method and a space.
+        start = held.rfind(b"\n" + method + b" ") + 1
+        if b"\n" not in held[start:]:
+            return  # not whole yet
+        # (HTTP/0.9's line has no version: llhttp tells its version only once the head ends)
+        lines = _request_lines(method, url, parser.get_http_version())
+        lines += (method + b" " + url + b"\r\n",)
+        if not any(held.startswith(line, start) for line in lines):
+            raise ParseError(400, "Invalid request line")
+
+    def _check_line(self, method: bytes, url: bytes, version: str) -> None:
+        """llhttp lets more than one space separate the parts of a request line: refuse
+        that, as RFC 9112 §3 (one SP) and h11 do. The line must be in the data as it is
+        rebuilt, after the previous request's (`_line_from`)."""
+        data = self._chunk
+        held = self._held
+        if held:
+            data = held + data
+            self._held = b""
+        for line in _request_lines(method, url, version):
+            found = data.find(line, self._line_from)
+            if found >= 0:
+                self._line_from = max(found + len(line) - len(held), 0)
+                return
+        raise ParseError(400, "Invalid request line")
 
     def _other_protocol(self, url: bytes) -> bool:
         """llhttp also parses RTSP/1.0 and ICE/1.0 and reports them as version 1.0."""
