@@ -87,3 +87,39 @@ def slow_factory() -> Any:
     marker("factory called")
     time.sleep(1)
     return app
+
+
+def _fastapi_app() -> Any:
+    """A FastAPI app whose lifespan writes `shutdown-<pid>` into `$TEST_MARKER_DIR` when
+    it ends (`fastapi_app`)."""
+    from contextlib import asynccontextmanager
+    from pathlib import Path
+
+    from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        marker("fastapi startup")
+        yield
+        Path(os.environ["TEST_MARKER_DIR"], f"shutdown-{os.getpid()}").write_text("done")
+        marker("fastapi shutdown")
+
+    api = FastAPI(lifespan=lifespan)
+
+    @api.get("/")
+    async def root() -> dict[str, int]:
+        return {"pid": os.getpid()}
+
+    @api.get("/slow")
+    async def slow() -> dict[str, int]:
+        marker("slow request started")
+        await asyncio.sleep(1)
+        return {"pid": os.getpid()}
+
+    return api
+
+
+def __getattr__(name: str) -> Any:
+    if name == "fastapi_app":  # built when asked for: the other apps need no FastAPI
+        return _fastapi_app()
+    raise AttributeError(name)

@@ -63,6 +63,19 @@ async def shutdown_hangs(scope: Any, receive: Any, send: Any) -> None:
     await asyncio.Event().wait()
 
 
+async def shutdown_blocks(scope: Any, receive: Any, send: Any) -> None:
+    """Serves like `app`, but its lifespan shutdown blocks the event loop for 60 s: nothing
+    in the process can end it."""
+    if scope["type"] != "lifespan":
+        await app(scope, receive, send)
+        return
+    await receive()
+    await send({"type": "lifespan.startup.complete"})
+    await receive()
+    print(f"shutdown blocks in {os.getpid()}", file=sys.stderr, flush=True)
+    time.sleep(60)
+
+
 async def fails_when_flagged(scope: Any, receive: Any, send: Any) -> None:
     """`app`, whose lifespan startup fails while the file $FULMEN_TEST_FAIL_FLAG exists."""
     if scope["type"] != "lifespan":

@@ -108,6 +108,24 @@ class Lines:
         with self._cond:
             return "\n".join(self.lines)
 
+    def wait_count(self, pattern: str, count: int, timeout: float = TIMEOUT) -> list[str]:
+        """The first `count` lines matching `pattern`, waiting for them up to `timeout`."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                remaining = deadline - time.monotonic()
+                if len(found) >= count:
+                    return found[:count]
+                if self.closed or remaining <= 0:
+                    raise AssertionError(f"{count} x {pattern!r} not in:\n{self.text}")
+                self._cond.wait(remaining)
+
+    def count(self, pattern: str) -> int:
+        with self._cond:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
 
 class Process:
     """A running command (cwd = the repository) whose output lines are collected; use as a
@@ -117,8 +135,14 @@ class Process:
     lines_class = Lines
 
     def __init__(
-        self, command: list[str], env: dict[str, str] | None, pass_fds: tuple[int, ...] = ()
+        self,
+        command: list[str],
+        env: dict[str, str] | None,
+        pass_fds: tuple[int, ...] = (),
+        new_session: bool = False,
     ) -> None:
+        """`new_session`: in a process group of its own, as a terminal's foreground job, so
+        that `ctrl_c` reaches it and its children, as a Ctrl+C does."""
         self.proc = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -127,6 +151,7 @@ class Process:
             stderr=subprocess.PIPE,
             text=True,
             pass_fds=pass_fds,
+            start_new_session=new_session,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.stderr = self.lines_class(self.proc.stderr)
@@ -134,6 +159,11 @@ class Process:
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the whole process group (started with `new_session`), as a terminal
+        sends it on Ctrl+C."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         """The exit code, once the process ended and its output was read."""
@@ -175,8 +205,9 @@ class Fulmen(Process):
         env: dict[str, str] | None = None,
         pass_fds: tuple[int, ...] = (),
         wait_started: bool = True,
+        new_session: bool = False,
     ) -> None:
-        super().__init__([sys.executable, "-m", "fulmen", *args], env, pass_fds)
+        super().__init__([sys.executable, "-m", "fulmen", *args], env, pass_fds, new_session)
         self.address = ""
         if wait_started:
             try:
@@ -204,32 +235,10 @@ NO_CONTROL = (
 )
 
 
-class GunicornLines(Lines):
-    def wait_count(self, pattern: str, count: int, timeout: float = TIMEOUT) -> list[str]:
-        """The first `count` lines matching `pattern`, waiting for them up to `timeout`."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [line for line in self.lines if regex.search(line)]
-                remaining = deadline - time.monotonic()
-                if len(found) >= count:
-                    return found[:count]
-                if self.closed or remaining <= 0:
-                    raise AssertionError(f"{count} x {pattern!r} not in:\n{self.text}")
-                self._cond.wait(remaining)
-
-    def count(self, pattern: str) -> int:
-        with self._cond:
-            return sum(1 for line in self.lines if re.search(pattern, line))
-
-
 class Gunicorn(Process):
     """A gunicorn arbiter serving `app` with a fulmen worker class; always stopped on exit."""
 
     stop_signal = signal.SIGQUIT
-    lines_class = GunicornLines
-    stderr: GunicornLines
 
     def __init__(
         self,
@@ -238,6 +247,7 @@ class Gunicorn(Process):
         worker: str = WORKER,
         workers: int = 1,
         wait: bool = True,
+        new_session: bool = False,
     ) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -249,7 +259,7 @@ class Gunicorn(Process):
         command = [sys.executable, "-m", "gunicorn", "-k", worker, "--bind", f"fd://{fd}"]
         command += ["--workers", str(workers), *NO_CONTROL, *args, app]
         try:
-            super().__init__(command, clean_env(), pass_fds=(fd,))
+            super().__init__(command, clean_env(), (fd,), new_session)
         finally:
             listener.close()
         if wait:

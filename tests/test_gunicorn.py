@@ -151,10 +151,11 @@ def test_serves_and_logs_through_gunicorn() -> None:
         assert body["started_by"] == body["pid"]  # lifespan state of this very worker
         assert body["loop"] == ("uvloop" if _has("uvloop") else "asyncio")
         # fulmen's records use gunicorn's error log format and its access log destination
-        server.stderr.wait_for(r"^\[.+\] \[\d+\] \[INFO\] Fulmen running on")
-        server.stdout.wait_for(r'^127\.0\.0\.1:\d+ - "GET /path HTTP/1\.1" 200$')
+        server.stderr.wait_for(r"^\[.+\] \[\d+\] \[INFO\] Fulmen running on http://\S+$")
+        server.stdout.wait_for(r'^127\.0\.0\.1:\d+ - "GET /path HTTP/1\.1" 200 OK$')
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
+        assert "Press CTRL+C" not in server.stderr.text  # the arbiter takes the Ctrl+C
 
 
 def test_h11_worker_serves_on_asyncio() -> None:
@@ -277,7 +278,7 @@ def test_graceful_timeout_cuts_a_longer_request() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
-def test_quick_shutdown_does_not_wait(sig: int, tmp_path: Path) -> None:
+def test_quick_shutdown_does_not_wait_for_requests(sig: int, tmp_path: Path) -> None:
     hook = "import os, sys\ndef worker_int(worker):\n"
     hook += "    print('worker_int', os.getpid(), file=sys.stderr)\n"
     with Gunicorn("-c", _config_file(tmp_path, hook)) as server:  # graceful timeout: 30 s
@@ -289,8 +290,33 @@ def test_quick_shutdown_does_not_wait(sig: int, tmp_path: Path) -> None:
             future.result(TIMEOUT)
         server.wait()
         assert time.monotonic() - started < 8
-        assert "lifespan shutdown" not in server.stderr.text
-        assert server.stderr.count(f"^worker_int {server.worker_pids()[0]}$") == 1
+        pid = server.worker_pids()[0]
+        assert server.stderr.count(f"^worker_int {pid}$") == 1
+        assert server.stderr.count(f"^lifespan shutdown {pid}$") == 1  # quick, yet cleaned up
+        assert "Traceback" not in server.stderr.text
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGQUIT", "SIGTERM", "ctrl-c"])
+def test_every_stop_runs_the_lifespan_shutdown(stop: str, tmp_path: Path) -> None:
+    """A FastAPI app's shutdown hook runs in every worker, whichever signal stops gunicorn
+    (Ctrl+C: SIGINT to the arbiter and its workers alike), and nothing is logged as an
+    error."""
+    app = "tests.apps_gunicorn:fastapi_app"
+    args = ("-e", f"TEST_MARKER_DIR={tmp_path}")
+    with Gunicorn(*args, app=app, workers=2, new_session=True) as server:
+        pids = server.worker_pids()
+        assert get(server.url).json()["pid"] in pids
+        if stop == "ctrl-c":
+            server.ctrl_c()
+        else:
+            server.signal(getattr(signal, stop))
+        assert server.wait() == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        f"shutdown-{pid}" for pid in pids
+    )
+    assert server.stderr.count(r"^fastapi shutdown \d+$") == 2
+    for text in ("Traceback", "[ERROR]", "CancelledError", "Press CTRL+C"):
+        assert text not in server.stderr.text, server.stderr.text
 
 
 def test_worker_sigterm_alone_is_replaced() -> None:

@@ -17,6 +17,7 @@ from fulmen.logging import (
     ColourFormatter,
     configure_logging,
 )
+from fulmen.protocols.wire import status_text
 from tests.conftest import TIMEOUT, recv_response
 from tests.helpers import Fulmen
 
@@ -38,11 +39,11 @@ def test_startup_and_access_lines(colours) -> None:
     if colours == "--use-colors":
         assert f"{GREEN_INFO}:     {startup}" in server.stderr.lines
         assert server.stdout.lines == [
-            f"{GREEN_INFO}:     {access}{click.style('200', fg='green')}"
+            f"{GREEN_INFO}:     {access}{click.style('200 OK', fg='green')}"
         ]
     else:  # not a TTY: no colours unless asked for
         assert f"INFO:     {startup}" in server.stderr.lines
-        assert server.stdout.lines == [f"INFO:     {access}200"]
+        assert server.stdout.lines == [f"INFO:     {access}200 OK"]
         assert "\x1b" not in server.stderr.text + server.stdout.text
 
 
@@ -64,8 +65,9 @@ def test_access_record(access_log, serve) -> None:
         assert records == []
         return
     assert [r.getMessage() for r in records] == [
-        f'127.0.0.1:{port} - "GET /missing?x=1 HTTP/1.1" 404',
-        f'127.0.0.1:{port} - "GET /\\x1b[31mred\\x7f HTTP/1.1" 404',  # control bytes escaped
+        f'127.0.0.1:{port} - "GET /missing?x=1 HTTP/1.1" 404 Not Found',
+        # control bytes escaped
+        f'127.0.0.1:{port} - "GET /\\x1b[31mred\\x7f HTTP/1.1" 404 Not Found',
     ]
     assert [r.status_code for r in records] == [404, 404]
     assert {r.levelno for r in records} == {logging.INFO}
@@ -148,9 +150,10 @@ def test_level_prefix(level, colour, prefix) -> None:
 def test_access_status_colour(status, colour) -> None:
     coloured = AccessFormatter("%(message)s", use_colors=True)
     plain = AccessFormatter("%(message)s", use_colors=False)
-    message = f'127.0.0.1:5000 - "GET / HTTP/1.1" {status}'
+    text = status_text(status)  # `404 Not Found`: the status is coloured with its phrase
+    message = f'127.0.0.1:5000 - "GET / HTTP/1.1" {text}'
     record = make_record(logging.INFO, message, status)
-    assert coloured.format(record) == message[:-3] + click.style(str(status), fg=colour)
+    assert coloured.format(record) == message[: -len(text)] + click.style(text, fg=colour)
     assert plain.format(record) == message
 
 

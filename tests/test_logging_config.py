@@ -169,7 +169,7 @@ def test_json_lines_from_a_server() -> None:
     errors = [json.loads(line) for line in server.stderr.lines]
     assert [a["target"] for a in access] == ["/ok?x=1", "/new\nline\x1b\u2028", "/boom"]
     first = access[0]
-    assert first["message"] == f'{client} - "GET /ok?x=1 HTTP/1.1" 200'
+    assert first["message"] == f'{client} - "GET /ok?x=1 HTTP/1.1" 200 OK'
     assert {k: first[k] for k in ("level", "logger", "client", "target", "status")} == {
         "level": "INFO",
         "logger": "fulmen.access",
@@ -178,7 +178,7 @@ def test_json_lines_from_a_server() -> None:
         "status": 200,
     }
     assert datetime.datetime.fromisoformat(first["timestamp"]).tzinfo is not None
-    assert access[1]["message"].endswith('"GET /new\\x0aline\\x1b\\u2028 HTTP/1.1" 200')
+    assert access[1]["message"].endswith('"GET /new\\x0aline\\x1b\\u2028 HTTP/1.1" 200 OK')
     assert {e["logger"] for e in errors} == {"fulmen.error"}
     (failure,) = [e for e in errors if e["level"] == "ERROR"]
     assert failure["message"] == "Exception in ASGI application"
@@ -198,9 +198,10 @@ def test_json_access_lines_in_process(serve_one) -> None:
         "target": "/j",
         "protocol": "HTTP/1.1",
         "status": 200,
+        "reason": "OK",
     }
     line = JsonFormatter().format(record)
-    assert json.loads(line)["message"] == f'127.0.0.1:{port} - "GET /j HTTP/1.1" 200'
+    assert json.loads(line)["message"] == f'127.0.0.1:{port} - "GET /j HTTP/1.1" 200 OK'
 
 
 def test_json_formatter_never_writes_a_raw_line_break() -> None:
@@ -302,7 +303,7 @@ def test_config_files(tmp_path: Path, suffix: str) -> None:
         line = server.stdout.wait_for("CUSTOM INFO fulmen.access ").string
         server.signal()
         assert server.wait() == 0
-    assert line.endswith('"GET /a HTTP/1.1" 200')
+    assert line.endswith('"GET /a HTTP/1.1" 200 OK')
     assert server.stderr.lines == []  # fulmen's own handlers were replaced
 
 

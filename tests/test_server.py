@@ -240,7 +240,34 @@ def test_second_sigint_exits_at_once() -> None:
         assert recv_until_closed(sock) == b""
     lines = server.stderr.lines
     assert "WARNING:  Forced exit." in lines
-    assert "INFO:     Waiting for application shutdown." not in lines  # no waiting at all
+    assert "INFO:     Application shutdown complete." in lines  # the app's cleanup still runs
+
+
+def test_a_third_sigint_abandons_a_lifespan_shutdown_that_hangs() -> None:
+    with Fulmen("tests.apps_workers:shutdown_hangs", "--port", "0") as server:
+        server.signal(signal.SIGINT)
+        server.stderr.wait_for("shutdown hangs in")
+        server.signal(signal.SIGINT)  # forced: the lifespan shutdown goes on
+        server.stderr.wait_for("Forced exit.")
+        assert server.proc.poll() is None
+        server.signal(signal.SIGINT)
+        assert server.wait() == 0
+    text = server.stderr.text
+    assert "WARNING:  Application shutdown abandoned." in text
+    assert "Traceback" not in text and "ERROR" not in text, text
+
+
+def test_the_lifespan_shutdown_is_bounded_by_the_graceful_timeout() -> None:
+    args = ("--port", "0", "--timeout-graceful-shutdown", "0.5")
+    with Fulmen("tests.apps_workers:shutdown_hangs", *args) as server:
+        server.signal(signal.SIGTERM)
+        server.stderr.wait_for("shutdown hangs in")
+        started = time.monotonic()
+        assert server.wait() == 0
+        assert time.monotonic() - started < 3
+    text = server.stderr.text
+    assert "ERROR:    Application shutdown did not complete within 0.5 seconds." in text
+    assert "Traceback" not in text, text
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["new", "stale"])

@@ -7,6 +7,7 @@ retries) while workers are replaced, and require every request to succeed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -359,9 +360,10 @@ def test_sigterm_stops_every_worker_within_the_graceful_timeout() -> None:
 
 @pytest.mark.slow
 def test_worker_that_does_not_stop_is_killed() -> None:
-    """The stop bound: --timeout-graceful-shutdown plus 5 s, then SIGKILL."""
+    """The stop bound: --timeout-graceful-shutdown plus 5 s, then SIGKILL (the lifespan
+    shutdown blocks the worker's loop: its own bound cannot end it)."""
     with Fulmen(
-        "tests.apps_workers:shutdown_hangs",
+        "tests.apps_workers:shutdown_blocks",
         "--port",
         "0",
         "--workers",
@@ -394,6 +396,33 @@ def test_second_sigint_forces_the_workers_out() -> None:
         assert time.monotonic() - began < 5  # not the 30 s graceful timeout
         assert "Forced exit." in server.stderr.text
         wait_gone(pids)
+
+
+@pytest.mark.parametrize("mode", ["workers", "reload"])
+def test_ctrl_c_runs_the_lifespan_shutdown_of_every_server_process(
+    mode: str, tmp_path: Path
+) -> None:
+    """Ctrl+C reaches the supervisor and its server processes alike: it stops them gracefully
+    (a request in flight is answered), each runs its app's lifespan shutdown (a FastAPI hook
+    writes a file), and nothing is logged as an error."""
+    count = 2 if mode == "workers" else 1
+    args = ["--workers", "2"] if mode == "workers" else ["--reload", "--reload-dir", str(tmp_path)]
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = clean_env(TEST_MARKER_DIR=str(markers))
+    app = "tests.apps_gunicorn:fastapi_app"
+    with Fulmen(app, "--port", "0", *args, env=env, new_session=True) as server:
+        started = server.stderr.wait_count(r"^fastapi startup \d+$", count)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.get, f"{server.url}/slow", timeout=TIMEOUT)
+            server.stderr.wait_for("slow request started")
+            server.ctrl_c()
+            assert slow.result(TIMEOUT).status_code == 200
+        assert server.wait() == 0
+    pids = sorted(int(line.split()[-1]) for line in started)
+    assert sorted(path.name for path in markers.iterdir()) == [f"shutdown-{pid}" for pid in pids]
+    for text in ("Traceback", "ERROR", "CancelledError"):
+        assert text not in server.stderr.text, server.stderr.text
 
 
 # What makes restarts lossless in each server: a connection accepted before the shutdown began

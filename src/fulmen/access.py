@@ -15,10 +15,10 @@ import re
 import time
 from typing import Any
 
-from fulmen.protocols.wire import escape
+from fulmen.protocols.wire import REASONS, escape
 
-# The default line, as atoms: `127.0.0.1:51234 - "GET /path?q=1 HTTP/1.1" 200`.
-DEFAULT_ACCESS_FORMAT = '%(client)s - "%(method)s %(target)s %(protocol)s" %(status)d'
+# The default line, as atoms: `127.0.0.1:51234 - "GET /path?q=1 HTTP/1.1" 200 OK`.
+DEFAULT_ACCESS_FORMAT = '%(client)s - "%(method)s %(target)s %(protocol)s" %(status)d %(reason)s'
 _ATOM = re.compile(r"%\(([^)]*)\)")
 _HEADER_ATOM = re.compile(r"\{([!#$%&'*+.^_`|~0-9A-Za-z-]+)\}([io])")
 # Each atom with a sample value, to check the format's conversions once, at startup.
@@ -31,6 +31,7 @@ ATOMS: dict[str, Any] = {
     "protocol": "HTTP/1.1",
     "scheme": "http",
     "status": 200,
+    "reason": "OK",
     "bytes": 0,
     "duration_ms": 0.0,
     "timestamp": "2000-01-01T00:00:00.000+00:00",
@@ -123,6 +124,7 @@ _COMPUTE: dict[str, Any] = {
     "protocol": lambda scope, status: f"HTTP/{scope['http_version']}",
     "scheme": lambda scope, status: scope["scheme"],
     "status": lambda scope, status: status,
+    "reason": lambda scope, status: REASONS.get(status, ""),
     "bytes": lambda scope, status: _stat(scope, 1),
     "duration_ms": lambda scope, status: _stat(scope, 0),
     "timestamp": lambda scope, status: iso_time(time.time()),

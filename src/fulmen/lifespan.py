@@ -29,6 +29,7 @@ class Lifespan:
         self.shutdown_failed = False
         self.unsupported = False
         self.error: str | None = None
+        self.abandoned = False
         self.task: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
@@ -42,16 +43,34 @@ class Lifespan:
         elif not self.unsupported:
             logger.info("Application startup complete.")
 
-    async def shutdown(self) -> None:
-        if self.unsupported or self.task is None or self.task.done():
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Ask the app to shut down and wait for its answer, at most `timeout` seconds (None:
+        no limit); past it, the lifespan task is cancelled."""
+        task = self.task
+        if self.unsupported or task is None or task.done():
             return
         logger.info("Waiting for application shutdown.")
         await self.messages.put({"type": "lifespan.shutdown"})
-        await self.shutdown_event.wait()
-        if self.shutdown_failed or (self.error and self.mode == "on"):
+        try:
+            await asyncio.wait_for(self.shutdown_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            logger.error("Application shutdown did not complete within %s seconds.", timeout)
+            self.abandon()
+            return
+        if self.abandoned:
+            logger.warning("Application shutdown abandoned.")
+        elif self.shutdown_failed or (self.error and self.mode == "on"):
             logger.error("Application shutdown failed. Exiting.")
         else:
             logger.info("Application shutdown complete.")
+
+    def abandon(self) -> None:
+        """Stop waiting for the app's shutdown (a further SIGINT, or the timeout): its task is
+        cancelled, without a traceback."""
+        self.abandoned = True
+        if self.task is not None:
+            self.task.cancel()
+        self.shutdown_event.set()
 
     async def _main(self) -> None:
         scope = {
@@ -61,6 +80,8 @@ class Lifespan:
         }
         try:
             await self.app(scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            pass  # abandoned (`abandon`), or the loop is ending: not an error of the app's
         except BaseException as exc:
             self.error = str(exc)
             if self.startup_failed or self.shutdown_failed:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from fulmen.access import iso_time
+from fulmen.protocols.wire import status_text
 
 if TYPE_CHECKING:
     from fulmen.config import Config
@@ -76,13 +77,13 @@ class AccessFormatter(ColourFormatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         status = getattr(record, "status_code", None)
-        text = f" {status}"
-        if self.use_colors and isinstance(status, int) and record.message.endswith(text):
+        if not self.use_colors or not isinstance(status, int):
+            return super().formatMessage(record)
+        text = status_text(status)
+        if record.message.endswith(" " + text):
             record = copy.copy(record)
             colour = self._STATUS_COLOURS.get(status // 100)
-            record.message = (
-                record.message[: -len(text)] + " " + click.style(str(status), fg=colour)
-            )
+            record.message = record.message[: -len(text)] + click.style(text, fg=colour)
         return super().formatMessage(record)
 
 

@@ -80,13 +80,19 @@ class Server:
     """Serve one `Config`. `await server.serve()` works inside an already running loop."""
 
     announce = True  # log a "Fulmen running on" line per socket (a supervisor logs them once)
+    quit_hint = " (Press CTRL+C to quit)"  # after it, where the Ctrl+C is the server's to take
     # Signals that call `restart` (the server processes of fulmen's supervisors take SIGUSR2).
     restart_signals: tuple[int, ...] = ()
+    # Signals that call `handle_exit`. A supervisor's server processes take SIGTERM only: a
+    # Ctrl+C reaches the whole process group, and the supervisor decides what it means.
+    exit_signals: tuple[int, ...] = HANDLED_SIGNALS
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = False
         self.force_exit = False
+        self.lifespan: Lifespan | None = None  # set while the lifespan shutdown runs
+        self.abort = False  # leave at once: no lifespan shutdown either (gunicorn's ABRT)
         self.state: ServerState | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self._should_exit = False
@@ -196,8 +202,11 @@ class Server:
         assert self._exit_event is not None
         await self._exit_event.wait()
         await self.shutdown(sockets)
-        if lifespan is not None and not self.force_exit:
-            await lifespan.shutdown()
+        if lifespan is not None and not self.abort:
+            # Even after a forced exit (which only skips waiting for the requests): the app's
+            # cleanup runs, within the graceful timeout. A further SIGINT abandons it.
+            self.lifespan = lifespan
+            await lifespan.shutdown(self.config.timeout_graceful_shutdown)
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
         assert self.state is not None and self._loop is not None
@@ -242,7 +251,7 @@ class Server:
                 )
             self.servers.append(server)
             if self.announce and (owned or sock.family != socket.AF_UNIX):
-                logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock, scheme))
+                logger.info("Fulmen running on %s%s", describe(sock, scheme), self.quit_hint)
 
     async def _listen_metrics(self, address: str) -> None:
         assert self.metrics is not None and self.state is not None
@@ -335,15 +344,18 @@ class Server:
         if sys.platform == "win32":  # pragma: no cover - Windows loops take no signal handlers
             return []
         assert self._loop is not None
-        for sig in HANDLED_SIGNALS:
+        for sig in self.exit_signals:
             self._loop.add_signal_handler(sig, self.handle_exit, sig)
         for restart in self.restart_signals:
             self._loop.add_signal_handler(restart, self.restart)
-        return [*HANDLED_SIGNALS, *self.restart_signals]
+        return [*self.exit_signals, *self.restart_signals]
 
     def handle_exit(self, sig: int) -> None:
-        """First SIGINT/SIGTERM: graceful shutdown. A second SIGINT: stop waiting at once."""
+        """First SIGINT/SIGTERM: graceful shutdown. A second SIGINT: stop waiting for the
+        requests (the lifespan shutdown still runs); a third: abandon the lifespan shutdown."""
         if self._should_exit and sig == signal.SIGINT:
+            if self.force_exit and self.lifespan is not None:
+                self.lifespan.abandon()
             self.force_exit = True
             logger.warning("Forced exit.")
         self.should_exit = True

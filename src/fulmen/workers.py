@@ -153,7 +153,7 @@ class FulmenWorker(Worker):  # type: ignore[misc]  # gunicorn has no type inform
         shutdown) with status 1.
         """
         self.aborted = True
-        self.server.force_exit = True
+        self.server.abort = self.server.force_exit = True
         self.server.should_exit = True
         self.alive = False
         self.cfg.worker_abort(self)
@@ -235,6 +235,8 @@ class FulmenH11Worker(FulmenWorker):
 class _WorkerServer(Server):
     """A `Server` that logs through gunicorn and follows gunicorn's exit signals."""
 
+    quit_hint = ""  # stopping is gunicorn's to tell (its arbiter takes the Ctrl+C)
+
     def __init__(self, config: Config, worker: FulmenWorker) -> None:
         super().__init__(config)
         self.worker = worker
@@ -243,8 +245,9 @@ class _WorkerServer(Server):
         self.worker.route_logging()
 
     def handle_exit(self, sig: int) -> None:
-        """`TERM`: graceful shutdown. `INT`/`QUIT`: quick shutdown (no waiting for requests,
-        no lifespan shutdown), after gunicorn's `worker_int` hook."""
+        """`TERM`: graceful shutdown. `INT`/`QUIT`: quick shutdown (the running requests are
+        cancelled at once), after gunicorn's `worker_int` hook. Both run the lifespan shutdown
+        (within fulmen's share of `--graceful-timeout`, which the arbiter waits after either)."""
         worker = self.worker
         worker.alive = False
         if sig in QUICK_SIGNALS and not self.force_exit:

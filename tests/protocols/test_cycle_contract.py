@@ -421,7 +421,7 @@ def test_access_log_on_completion(logs: Any) -> None:
 
     run(main())
     [record] = [r for r in logs.records if r.name == "fulmen.access"]
-    assert record.getMessage() == '127.0.0.1:50000 - "GET /?a=1 HTTP/1.1" 201'
+    assert record.getMessage() == '127.0.0.1:50000 - "GET /?a=1 HTTP/1.1" 201 Created'
     assert record.status_code == 201  # type: ignore[attr-defined]
 
 
@@ -431,7 +431,7 @@ def test_access_log_of_a_500(logs: Any) -> None:
 
     run(serve(app, access_log=True))
     [record] = [r for r in logs.records if r.name == "fulmen.access"]
-    assert record.getMessage().endswith('"GET / HTTP/1.1" 500')
+    assert record.getMessage().endswith('"GET / HTTP/1.1" 500 Internal Server Error')
 
 
 def test_no_access_log_when_disabled(logs: Any) -> None:

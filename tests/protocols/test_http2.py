@@ -67,7 +67,7 @@ def test_prior_knowledge_get(serve) -> None:
     assert fields[b"server"] == b"fulmen"
     assert b"date" in fields
     assert response.body == b""
-    assert any(m.endswith('"GET /a b?x=1 HTTP/2" 200') for m in srv.messages())
+    assert any(m.endswith('"GET /a b?x=1 HTTP/2" 200 OK') for m in srv.messages())
 
 
 def test_get_without_body_gets_its_request_message_at_once(serve_one) -> None:

@@ -547,5 +547,5 @@ def test_pipelined_request_then_upgrade(serve_ws, frame_in_same_write: bool) -> 
             sock.sendall(frame)
         assert read_frame(reader) == (Opcode.TEXT, b"hello")
     (plain, websocket) = access_lines(srv)
-    assert plain.endswith('"GET /plain HTTP/1.1" 200')
+    assert plain.endswith('"GET /plain HTTP/1.1" 200 OK')
     assert websocket.endswith('"WebSocket /ws" [accepted]')

@@ -395,12 +395,12 @@ class RequestCycle:
             return
         client, target = access_fields(scope)
         access_logger.info(
-            '%s - "%s %s HTTP/%s" %d',
+            '%s - "%s %s HTTP/%s" %s',
             client,
             wire.escape(scope["method"]),
             target,
             scope["http_version"],
-            self.status,
+            wire.status_text(self.status),
             extra={"status_code": self.status},
         )
 

@@ -16,12 +16,20 @@ STATUS_LINES: dict[int, bytes] = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode("ascii"))
     for status in http.HTTPStatus
 }
+REASONS: dict[int, str] = {status.value: status.phrase for status in http.HTTPStatus}
+# `200 OK`: each known status with its reason phrase, as access lines show it.
+STATUS_TEXTS: dict[int, str] = {status: f"{status} {reason}" for status, reason in REASONS.items()}
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CHUNK_END = b"\r\n"
 CHUNK_END_LAST = CHUNK_END + LAST_CHUNK
 # RFC 9110 §6.4.1: these never carry content.
 NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def status_text(status: int) -> str:
+    """The status and its reason phrase for a log line (the code alone if unknown)."""
+    return STATUS_TEXTS.get(status) or str(status)
 
 
 def status_line(status: int) -> bytes:

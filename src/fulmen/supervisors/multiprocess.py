@@ -16,8 +16,11 @@ talks to it over one pipe:
   start (import error, lifespan startup failure): everything stops, instead of a crash loop.
 
 Signals (gunicorn's arbiter has the same): SIGINT/SIGTERM stop every worker gracefully (a second
-SIGINT is passed on, forcing them out); SIGHUP restarts the workers one at a time, each new one
-serving before its predecessor is asked to stop; SIGTTIN/SIGTTOU add/remove a worker.
+SIGINT is passed on, forcing them out). The workers leave SIGINT to the supervisor: a Ctrl+C
+reaches the whole process group, and it would otherwise count twice in a worker (with the
+supervisor's SIGTERM), forcing it out of its requests. SIGHUP restarts the workers one at a
+time, each new one serving before its predecessor is asked to stop; SIGTTIN/SIGTTOU add/remove
+a worker.
 
 With `--metrics-bind`, the supervisor serves the endpoint (from a thread, `EndpointThread`):
 each worker sends its counters with every PONG and once more as it exits, and every worker
@@ -50,7 +53,7 @@ from fulmen.supervisors import listen_once
 
 logger = logging.getLogger("fulmen.error")
 
-READY, PING, PONG, EXITING = "ready", "ping", "pong", "exiting"
+READY, PING, PONG, EXITING, FORCE = "ready", "ping", "pong", "exiting", "force"
 # With --metrics-bind, PONG is sent as (PONG, snapshot); a worker leaving sends (FINAL, snapshot).
 FINAL = "final"
 STARTUP_FAILURE = 3
@@ -73,6 +76,7 @@ class WorkerServer(Server):
 
     announce = False  # the supervisor has logged the sockets once
     restart_signals = RESTART_SIGNALS
+    exit_signals = (signal.SIGTERM,)  # a Ctrl+C is the supervisor's: it sends SIGTERM, FORCE
 
     def __init__(self, config: Config, conn: Connection) -> None:
         self._conn = conn
@@ -103,8 +107,11 @@ class WorkerServer(Server):
     def _on_message(self) -> None:
         try:
             while self._conn.poll():
-                if self._conn.recv() == PING:
+                message = self._conn.recv()
+                if message == PING:
                     self._conn.send(self._with_metrics(PONG))
+                elif message == FORCE:  # a second Ctrl+C, as a second SIGINT to one server
+                    self.handle_exit(signal.SIGINT)
         except (EOFError, OSError):  # the supervisor is gone: never outlive it
             assert self._loop is not None
             self._loop.remove_reader(self._conn.fileno())
@@ -135,10 +142,9 @@ class WorkerServer(Server):
 
 def worker_main(config: Config, sockets: list[socket.socket], conn: Connection) -> None:
     """The entry point of a worker process: serve `sockets` until told to stop."""
-    # A Ctrl+C reaches the whole process group: until the server handles SIGINT itself (after
-    # the import), leave it to the supervisor, which stops every worker with SIGTERM. The
-    # supervisor's commands, sent to the group (a closed terminal sends SIGHUP), must neither
-    # kill nor suspend a worker.
+    # A Ctrl+C reaches the whole process group: leave it to the supervisor, which stops every
+    # worker with SIGTERM (`WorkerServer.exit_signals`). The supervisor's commands, sent to the
+    # group (a closed terminal sends SIGHUP), must neither kill nor suspend a worker.
     for sig in WORKER_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     server = WorkerServer(config, conn)
@@ -500,7 +506,9 @@ class Multiprocess:
             elif sig == signal.SIGINT:  # a second Ctrl+C: the workers stop waiting at once
                 logger.warning("Forced exit.")
                 for worker in self.workers:
-                    _signal(worker, signal.SIGINT)
+                    if worker.conn is not None:
+                        with contextlib.suppress(OSError):
+                            worker.conn.send(FORCE)
         elif self.stopping_all:
             return
         elif sig == signal.SIGHUP:
