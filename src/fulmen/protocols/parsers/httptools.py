@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 
 import httptools
 
@@ -14,7 +13,6 @@ from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 _ERROR_STATUS = {"Invalid HTTP version": 505}
 # Field names as received -> lowercased, the first `_NAMES_MAX` distinct ones: the usual names
 # are looked up instead of lowered, and every request shares one bytes object per name.
-_TWO_SPACES = re.compile(b"  ")  # (a regex finds it faster than `in` does)
 # The end of a request line, by the version llhttp read (it knows these four).
 _LINE_ENDS = {v: b" HTTP/%b\r\n" % v.encode() for v in ("1.1", "1.0", "2.0", "0.9")}
 _NAMES: dict[bytes, bytes] = {}
@@ -156,7 +154,20 @@ class HttptoolsParser:
         if version == "1.0" and self._other_protocol(url):
             raise ParseError(400, "Not an HTTP request")
         method = parser.get_method()
-        if self._held or _TWO_SPACES.search(self._chunk):  # else no line here has two
+        # The usual case, at once: the request line starts where the last one ended (or the
+        # data: llhttp read the method there), and its version is where one space on each
+        # side of the target puts it. Else `_check_line` looks for the line.
+        start = self._line_from
+        end = start + len(method) + 1 + len(url)
+        suffix = _LINE_ENDS.get(version, b"")
+        if (
+            suffix
+            and self._chunk.startswith(suffix, end)
+            and not self._held
+            and (not start or self._chunk.startswith(method, start))
+        ):
+            self._line_from = end + len(suffix)
+        else:
             self._check_line(method, url, version)
         self._callbacks.on_request(method, url, version, headers)
 
