@@ -51,29 +51,30 @@ async def startup_fails(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
 
 
-async def shutdown_hangs(scope: Any, receive: Any, send: Any) -> None:
-    """Serves like `app`, but its lifespan shutdown never completes."""
+async def _until_shutdown(scope: Any, receive: Any, send: Any, how: str) -> bool:
+    """Serve like `app`; for the lifespan scope, start, then wait for the shutdown event and
+    say so (`shutdown <how> in <pid>`): True then."""
     if scope["type"] != "lifespan":
         await app(scope, receive, send)
-        return
+        return False
     await receive()
     await send({"type": "lifespan.startup.complete"})
     await receive()
-    print(f"shutdown hangs in {os.getpid()}", file=sys.stderr, flush=True)
-    await asyncio.Event().wait()
+    print(f"shutdown {how} in {os.getpid()}", file=sys.stderr, flush=True)
+    return True
+
+
+async def shutdown_hangs(scope: Any, receive: Any, send: Any) -> None:
+    """Serves like `app`, but its lifespan shutdown never completes."""
+    if await _until_shutdown(scope, receive, send, "hangs"):
+        await asyncio.Event().wait()
 
 
 async def shutdown_blocks(scope: Any, receive: Any, send: Any) -> None:
     """Serves like `app`, but its lifespan shutdown blocks the event loop for 60 s: nothing
     in the process can end it."""
-    if scope["type"] != "lifespan":
-        await app(scope, receive, send)
-        return
-    await receive()
-    await send({"type": "lifespan.startup.complete"})
-    await receive()
-    print(f"shutdown blocks in {os.getpid()}", file=sys.stderr, flush=True)
-    time.sleep(60)
+    if await _until_shutdown(scope, receive, send, "blocks"):
+        time.sleep(60)
 
 
 async def fails_when_flagged(scope: Any, receive: Any, send: Any) -> None:
