@@ -12,13 +12,12 @@ from fulmen.protocols import fields
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: host = IP-literal / IPv4address / reg-name, then [":" port].
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
-STATUS_LINES: dict[int, bytes] = {
-    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode("ascii"))
-    for status in http.HTTPStatus
-}
 REASONS: dict[int, str] = {status.value: status.phrase for status in http.HTTPStatus}
 # `200 OK`: each known status with its reason phrase, as access lines show it.
 STATUS_TEXTS: dict[int, str] = {status: f"{status} {reason}" for status, reason in REASONS.items()}
+STATUS_LINES: dict[int, bytes] = {
+    status: b"HTTP/1.1 %b\r\n" % text.encode("ascii") for status, text in STATUS_TEXTS.items()
+}
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CHUNK_END = b"\r\n"

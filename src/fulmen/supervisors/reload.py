@@ -238,12 +238,11 @@ def serve_child(config: Config, sockets: list[socket.socket]) -> None:
     Exits with status 1 when the application cannot be imported and 3 when it fails to start.
     """
     # A Ctrl+C reaches the whole process group: leave it to the supervisor, which stops this
-    # process with SIGTERM.
+    # process with SIGTERM (and kills it on a second Ctrl+C). Taken here too, one SIGINT would
+    # count as a second signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = Server(config)
     server.announce = False  # the reload supervisor has logged the sockets once
-    # The supervisor takes the Ctrl+C (it reaches the whole group) and stops this process with
-    # SIGTERM (killing it on a second Ctrl+C): one SIGINT here too would count as a second.
     server.exit_signals = (signal.SIGTERM,)
     server.restart_signals = RESTART_SIGNALS  # a reload: WebSockets close with 1012
     try:

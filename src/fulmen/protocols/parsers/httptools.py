@@ -11,10 +11,10 @@ from fulmen.protocols.parsers.bodies import ChunkedBody, LengthBody
 
 # llhttp's messages for errors that mean something more precise than 400.
 _ERROR_STATUS = {"Invalid HTTP version": 505}
-# Field names as received -> lowercased, the first `_NAMES_MAX` distinct ones: the usual names
-# are looked up instead of lowered, and every request shares one bytes object per name.
 # The end of a request line, by the version llhttp read (it knows these four).
 _LINE_ENDS = {v: b" HTTP/%b\r\n" % v.encode() for v in ("1.1", "1.0", "2.0", "0.9")}
+# Field names as received -> lowercased, the first `_NAMES_MAX` distinct ones: the usual names
+# are looked up instead of lowered, and every request shares one bytes object per name.
 _NAMES: dict[bytes, bytes] = {}
 _NAMES_MAX = 512
 
