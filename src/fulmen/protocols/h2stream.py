@@ -58,7 +58,7 @@ class Connection(Protocol):
 
 class Tunnel(Protocol):
     """What carries a stream's DATA instead of a request body: a WebSocket (RFC 8441,
-    `fulmen.protocols.websocket_h2.H2WebSocket`)."""
+    `fulmen.protocols.websocket_stream.StreamWebSocket`)."""
 
     def on_data(self, data: bytes) -> None: ...
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from typing import cast
 
-from fulmen.protocols.cycle import RequestCycle, client_text
+from fulmen.protocols.cycle import client_text
 from fulmen.protocols.flow import Stall
 from fulmen.protocols.h2c import Upgrade
 from fulmen.protocols.h2fields import (
@@ -51,9 +51,9 @@ from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.scope import EXTENSIONS, endpoints, http_scope, tls_of
-from fulmen.protocols.tasks import start_task
-from fulmen.protocols.websocket import WebSocketRequest, WebSocketSession
-from fulmen.protocols.websocket_h2 import H2WebSocket
+from fulmen.protocols.streams import start
+from fulmen.protocols.websocket import WebSocketSession
+from fulmen.protocols.websocket_stream import StreamWebSocket
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -318,30 +318,9 @@ class H2Connection(asyncio.Protocol):
         self.streams[stream_id] = stream
         self.last_served = stream_id
         self.deadline = 0.0
-        if request.protocol:
-            cycle: RequestCycle = WebSocketRequest(state, stream, scope)
-            stream.cycle = cycle
-            if request.protocol != b"websocket":  # RFC 8441 §4: a protocol we do not speak
-                cycle.reject(501, b"Unsupported :protocol")
-                return
-            driver = stream.tunnel = H2WebSocket(stream)
-            driver.session = session = WebSocketSession(cast(WebSocketRequest, cycle), driver)
-            coro = session.run(state.app)
-        else:
-            cycle = RequestCycle(state, stream, scope, not ended, request.expect and not ended)
-            stream.cycle = cycle
-            if body:  # before the app's first step, which may run at once (eager tasks)
-                cycle.on_body(body)
-            coro = cycle.run(state.app)
-        limit = state.limit_concurrency
-        if limit and len(state.tasks) >= limit:
-            coro.close()
-            cycle.reject(503, b"Service Unavailable")
-            return
-        task = start_task(state.loop, coro, state.context, True)
-        if not task.done():
-            cycle.task = task
-            state.tasks.add(task)
+        start(
+            state, stream, scope, request.protocol, (not ended, request.expect and not ended, body)
+        )
 
     def _upgraded(self, upgrade: Upgrade) -> None:
         """Answer the HTTP/1.1 request that asked for h2c on stream 1, its body already read.
@@ -577,7 +556,7 @@ class H2Connection(asyncio.Protocol):
         return [
             stream.tunnel.session
             for stream in self.streams.values()
-            if isinstance(stream.tunnel, H2WebSocket) and stream.tunnel.session is not None
+            if isinstance(stream.tunnel, StreamWebSocket) and stream.tunnel.session is not None
         ]
 
     def shutdown(self) -> None:

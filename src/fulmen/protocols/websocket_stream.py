@@ -1,37 +1,57 @@
-"""WebSockets over HTTP/2 (RFC 8441): an extended CONNECT with `:protocol websocket` opens a
-stream whose DATA frames carry the WebSocket frames, both ways, under HTTP/2 flow control.
+"""WebSockets over HTTP/2 (RFC 8441) and HTTP/3 (RFC 9220): an extended CONNECT with
+`:protocol websocket` opens a stream whose DATA frames carry the WebSocket frames, both ways,
+under the protocol's flow control.
 
 The session (`fulmen.protocols.websocket.WebSocketSession`) is the one HTTP/1.1 uses; this is
-its driver. The handshake is answered with `:status 200` (no key, no accept hash: RFC 8441
-§5), refusals are ordinary responses on the stream, and END_STREAM plays the part of the TCP
-close: the session's close ends our side, the client's ends the session.
+its driver, the same for both protocols' streams. The handshake is answered with `:status 200`
+(no key, no accept hash: RFC 8441 §5), refusals are ordinary responses on the stream, and the
+end of the stream plays the part of the TCP close: the session's close ends our side, the
+client's ends the session.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from fulmen.protocols.cycle import Headers
-from fulmen.protocols.h2stream import H2Stream
+from fulmen.protocols.flow import Flow
 from fulmen.protocols.websocket import WebSocketSession
 
 _VERSION_13 = ((b"sec-websocket-version", b"13"),)
 
 
-class H2WebSocket:
-    """The `WebSocketDriver` of a WebSocket on one HTTP/2 stream."""
+class TunnelStream(Protocol):
+    """What the driver needs of its stream (`H2Stream`, `H3Stream`): the framer calls, and
+    `reset`, set once the stream is gone."""
+
+    reset: bool
+
+    @property
+    def flow(self) -> Flow: ...
+
+    def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None: ...
+
+    def send_body(self, body: bytes, more_body: bool) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def complete(self) -> None: ...
+
+
+class StreamWebSocket:
+    """The `WebSocketDriver` of a WebSocket on one HTTP/2 or HTTP/3 stream."""
 
     __slots__ = ("closed", "early", "session", "stream")
 
-    def __init__(self, stream: H2Stream) -> None:
+    def __init__(self, stream: TunnelStream) -> None:
         self.stream = stream
         self.session: WebSocketSession | None = None
         self.early = b""  # DATA that came before the app accepted
         self.closed = False
 
     @property
-    def flow(self) -> H2Stream:
-        return self.stream
+    def flow(self) -> Flow:
+        return self.stream.flow
 
     def refusal(self, scope: dict[str, Any]) -> tuple[int, bytes, Headers] | None:
         """RFC 8441 §5 and RFC 6455 §4.2.1: version 13 (the key and upgrade fields have no
@@ -62,7 +82,7 @@ class H2WebSocket:
             self.stream.send_body(data, True)
 
     def close(self) -> None:
-        """The closing handshake is over: END_STREAM, and the stream is done on our side."""
+        """The closing handshake is over: the stream ends (END_STREAM, FIN) on our side."""
         if self.closed:
             return
         self.closed = True
@@ -86,7 +106,7 @@ class H2WebSocket:
             session.feed(data)
 
     def on_end(self) -> None:
-        """END_STREAM from the client: its side of the WebSocket is closed, like a TCP FIN."""
+        """The client ended the stream: its side of the WebSocket is closed, like a TCP FIN."""
         if self.session is not None and self.session.engine is not None:
             self.on_reset()
             self.close()
