@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import ssl
 from collections.abc import Callable
@@ -84,7 +85,19 @@ class Config:
         flag="--http2/--no-http2",
     )
     h2_max_concurrent_streams: int = option(
-        100, "Most HTTP/2 streams a client may have open at once on one connection."
+        100, "Most HTTP/2 (and HTTP/3) streams a client may have open at once on one connection."
+    )
+    http3: bool = option(
+        False,
+        "Serve HTTP/3 over QUIC on the TLS port (UDP), advertised with Alt-Svc. Needs "
+        "--ssl-certfile and the 'http3' extra (aioquic).",
+        flag="--http3/--no-http3",
+    )
+    http3_retry: bool = option(
+        True,
+        "Validate HTTP/3 client addresses with a QUIC Retry before any handshake work "
+        "(against spoofed addresses and amplification).",
+        flag="--http3-retry/--no-http3-retry",
     )
     ws: str = option(
         "auto",
@@ -295,6 +308,19 @@ class Config:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
         self._check_reload()
         self._check_processes()
+        self._check_http3()
+
+    def _check_http3(self) -> None:
+        if not self.http3:
+            return
+        if self.ssl_certfile is None:
+            raise ValueError("http3 needs ssl_certfile: QUIC is always encrypted")
+        if self.ssl_cert_reqs == ssl.CERT_REQUIRED:
+            # Client certificates are not asked for over QUIC: HTTP/3 would let clients
+            # without one in.
+            raise ValueError("http3 cannot be used with ssl_cert_reqs 2 (client certificates)")
+        if importlib.util.find_spec("aioquic") is None:
+            raise ValueError("http3 needs aioquic: pip install 'fulmen[http3]'")
 
     def _check_reload(self) -> None:
         for name in ("reload_dirs", "reload_includes", "reload_excludes"):

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fulmen.config import Config
 from fulmen.importer import ImportFromStringError, import_from_string
@@ -28,10 +28,13 @@ from fulmen.middleware.message_logger import log_messages
 from fulmen.protocols import dispatch, proxy_protocol
 from fulmen.protocols.linger import SHUTDOWN_GRACE
 from fulmen.protocols.proxy_tls import ProxyTLSListener
-from fulmen.sockets import bind_sockets, describe, remove_socket_files, socket_files
+from fulmen.sockets import bind_sockets, bind_udp, describe, remove_socket_files, socket_files
 from fulmen.state import ServerState
 from fulmen.tls import create_ssl_context
 from fulmen.types import ASGIApp
+
+if TYPE_CHECKING:
+    from fulmen.protocols.quic import QuicListener
 
 logger = logging.getLogger("fulmen.error")
 
@@ -95,6 +98,7 @@ class Server:
         self.abort = False  # leave at once: no lifespan shutdown either (gunicorn's ABRT)
         self.state: ServerState | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self.quic_listeners: list[QuicListener] = []  # --http3: one per TCP listener
         self._should_exit = False
         self._exit_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,6 +256,29 @@ class Server:
             self.servers.append(server)
             if self.announce and (owned or sock.family != socket.AF_UNIX):
                 logger.info("Fulmen running on %s%s", describe(sock, scheme), self.quit_hint)
+        if config.http3:
+            await self._listen_quic(sockets, not owned or config.reuse_port)
+
+    async def _listen_quic(self, sockets: list[socket.socket], reuse_port: bool) -> None:
+        """--http3: a UDP socket on each TCP listener's address and port."""
+        from fulmen.protocols.quic import QuicListener  # aioquic: only with --http3
+
+        assert self.state is not None and self._loop is not None
+        state, config = self.state, self.config
+        for sock in sockets:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            udp = bind_udp(sock, reuse_port)
+            _, listener = await self._loop.create_datagram_endpoint(
+                lambda: QuicListener(state, config), sock=udp
+            )
+            if not self.quic_listeners:
+                state.advertise_http3(udp.getsockname()[1])
+            self.quic_listeners.append(listener)
+            if self.announce:
+                logger.info("HTTP/3 on %s (UDP)", describe(udp, "https"))
+        if not self.quic_listeners:
+            raise OSError("--http3 needs a TCP listener (host and port) to share its port")
 
     async def _listen_metrics(self, address: str) -> None:
         assert self.metrics is not None and self.state is not None
@@ -290,6 +317,8 @@ class Server:
         assert state is not None
         for server in self.servers:
             server.close()
+        for listener in self.quic_listeners:
+            listener.stop_accepting()
         # A connection accepted just before the close reaches connection_made a loop iteration
         # or two later (asyncio: an accept task, then a call_soon): let it arrive, so that it is
         # shut down like the others (its request served) rather than closed unread.
@@ -308,6 +337,10 @@ class Server:
             await asyncio.wait(list(state.tasks), timeout=5)
         for conn in list(state.connections):
             conn.transport.abort()
+        if self.quic_listeners:
+            await asyncio.sleep(0)  # the CONNECTION_CLOSE frames of those aborted go out
+            for listener in self.quic_listeners:
+                listener.close()
         for server in self.servers:
             await server.wait_closed()
         if self._tick_handle is not None:

@@ -87,6 +87,26 @@ def bind_tcp(
     return sock
 
 
+def bind_udp(tcp: socket.socket, reuse_port: bool) -> socket.socket:
+    """The UDP socket of HTTP/3 beside a TCP listener: the same address and port. With
+    `reuse_port` (several server processes), each process binds its own; the kernel then
+    keeps each client's datagrams to one of them (by address and port)."""
+    address = tcp.getsockname()
+    sock = socket.socket(tcp.family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if tcp.family == socket.AF_INET6:
+            v6only = tcp.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 def bind_unix(path: str, backlog: int) -> socket.socket:
     """Bind a Unix socket, replacing a stale socket file (never a regular file)."""
     if os.path.exists(path):

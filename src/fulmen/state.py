@@ -113,6 +113,14 @@ class ServerState:
         self.default_headers = b""
         self.tick()
 
+    def advertise_http3(self, port: int) -> None:
+        """`Alt-Svc: h3=":PORT"` on every response (RFC 9114 §3.1.1, RFC 7838): clients that
+        speak HTTP/3 move to it. HTTP/3 needs TLS, so every listener serves TLS."""
+        server, date, pairs = self._header_options
+        alt_svc = ("alt-svc", f'h3=":{port}"; ma=86400')
+        self._header_options = (server, date, [*pairs, alt_svc])
+        self.tick()
+
     def tick(self) -> None:
         """Once a second: refresh the coarse clock and the `date`/`server` header block."""
         self.clock = self.loop.time()

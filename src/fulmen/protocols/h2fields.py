@@ -40,15 +40,16 @@ _FORWARDING = frozenset(
         b"forwarded",
     )
 )
-_STATUS = {status: b"%d" % status for status in range(100, 600)}
-# Never sent in HTTP/2 responses: the connection-specific fields, and `te` (request-only).
-_NOT_SENT = _CONNECTION_SPECIFIC | {b"te"}
+STATUS_BYTES = {status: b"%d" % status for status in range(100, 600)}
+# Never sent in HTTP/2 (or HTTP/3) responses: the connection-specific fields, and `te`
+# (request-only).
+NOT_SENT = _CONNECTION_SPECIFIC | {b"te"}
 _SPACE = (32, 9)  # SP, HTAB
 _KEPT_BLOCKS = 64  # decoded requests kept per connection (see `HeaderBlocks`)
 _KEPT_BLOCK_SIZE = 1024  # larger blocks are rare, and would hold memory per connection
 
 
-def _value(value: bytes) -> bytes:
+def field_value(value: bytes) -> bytes:
     """A response field value without the edge whitespace HTTP/2 forbids (RFC 9113 §8.2.1;
     HTTP/1.1 strips it when parsing, so nothing is lost)."""
     if value and (value[0] in _SPACE or value[-1] in _SPACE):
@@ -232,7 +233,7 @@ def _check_pseudo(request: Request, seen: set[bytes], connect_protocol: bool) ->
 _Entry = tuple[bytes, Kind, bytes, int]
 _ENTRIES: dict[tuple[bytes, bytes], _Entry] = {}
 _ENTRIES_MAX = 1024
-_STATUS_FIELDS = {status: encode_field(b":status", value) for status, value in _STATUS.items()}
+_STATUS_FIELDS = {status: encode_field(b":status", value) for status, value in STATUS_BYTES.items()}
 _DEFAULTS: tuple[object, bytes] = (None, b"")  # the last `defaults` list, and its octets
 
 
@@ -241,8 +242,8 @@ def _entry(header: tuple[bytes, bytes]) -> _Entry:
     lname, kind = check(header)
     value = header[1]
     length = app_content_length(value) if kind is CONTENT_LENGTH else 0
-    dropped = kind is TRANSFER_ENCODING or kind is CONNECTION or lname in _NOT_SENT
-    entry = (b"" if dropped else encode_field(lname, _value(value)), kind, lname, length)
+    dropped = kind is TRANSFER_ENCODING or kind is CONNECTION or lname in NOT_SENT
+    entry = (b"" if dropped else encode_field(lname, field_value(value)), kind, lname, length)
     if isinstance(header, tuple):
         if len(_ENTRIES) >= _ENTRIES_MAX:
             _ENTRIES.clear()
@@ -284,18 +285,26 @@ def response_fields(
     return block, length
 
 
-def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
-    """A trailer section, encoded: checked fields, none of them framing or connection fields
-    (RFC 9110 §6.5.1)."""
-    block: list[bytes] = []
+def trailer_pairs(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A trailer section's fields, lower-cased: checked, none of them framing or connection
+    fields (RFC 9110 §6.5.1)."""
+    pairs: list[tuple[bytes, bytes]] = []
     for header in headers:
         lname, kind = check(header)
-        if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in _NOT_SENT:
+        if (kind is not ORDINARY and kind is not SERVER_OR_DATE) or lname in NOT_SENT:
             raise RuntimeError(f"Header {header[0]!r} is not allowed in trailers")
-        block.append(encode_field(lname, _value(header[1])))
-    return block
+        pairs.append((lname, field_value(header[1])))
+    return pairs
+
+
+def trailer_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """A trailer section, encoded (`trailer_pairs`)."""
+    return [encode_field(*pair) for pair in trailer_pairs(headers)]
 
 
 def interim_fields(status: int, headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
     """An informational response's block (100 Continue, 103 Early Hints), encoded."""
-    return [_STATUS_FIELDS[status], *(encode_field(check(h)[0], _value(h[1])) for h in headers)]
+    return [
+        _STATUS_FIELDS[status],
+        *(encode_field(check(h)[0], field_value(h[1])) for h in headers),
+    ]

@@ -1,0 +1,472 @@
+"""HTTP/3 (RFC 9114) on one QUIC connection: its control and QPACK streams, its request
+streams, GOAWAY and timeouts.
+
+QUIC itself is aioquic's (`fulmen.protocols.quicconn.Quic`); the HTTP/3 layer is fulmen's
+own, so that each request stream drives the same `RequestCycle` as HTTP/1.1 and HTTP/2, with
+direct calls. Errors follow RFC 9114 §8: a malformed request resets its stream alone
+(H3_MESSAGE_ERROR); broken framing, a QPACK failure or a misused critical stream closes the
+connection. A client that resets too many streams per second, or opens unknown streams,
+is closed with H3_EXCESSIVE_LOAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aioquic.quic import events
+
+from fulmen.protocols.cycle import RequestCycle, client_text
+from fulmen.protocols.h2fields import Malformed, Request, parse_request, trailers_valid
+from fulmen.protocols.h3fields import Pairs
+from fulmen.protocols.h3frames import (
+    DATA,
+    GOAWAY,
+    HEADERS,
+    MAX_STREAM_ID,
+    ConnectionFailure,
+    ErrorCode,
+    FrameReader,
+    frame,
+    uint_var,
+)
+from fulmen.protocols.h3peer import PeerStreams, Qpack
+from fulmen.protocols.h3stream import LOW_WATER, H3Stream
+from fulmen.protocols.quicconn import Quic
+from fulmen.protocols.scope import EXTENSIONS, http_scope
+from fulmen.protocols.streams import start
+from fulmen.protocols.websocket import WebSocketSession
+from fulmen.protocols.websocket_stream import StreamWebSocket
+
+if TYPE_CHECKING:
+    from fulmen.protocols.quic import QuicListener
+
+logger = logging.getLogger("fulmen.error")
+
+# Streams a client may reset (or have refused) per second before it is closed with
+# H3_EXCESSIVE_LOAD: each costs the server a request start (rapid reset, CVE-2023-44487).
+RESETS_PER_TICK = 200
+
+
+class Incoming:
+    """A request stream as its bytes arrive: the frames, and the request once decoded."""
+
+    __slots__ = ("blocked", "reader", "stream", "trailers")
+
+    def __init__(self, limit: int) -> None:
+        self.reader = FrameReader(limit)
+        self.stream: H3Stream | None = None
+        # Frames waiting behind a header block QPACK cannot decode yet (RFC 9204 §2.1.2),
+        # and whether the stream ended after them; None when not blocked.
+        self.blocked: tuple[list[tuple[int, bytes]], bool] | None = None
+        self.trailers = False  # the trailer section came: nothing but the end may follow
+
+
+class Closer:
+    """What the server calls `transport` of a connection: `abort()` ends it at once."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: H3Connection) -> None:
+        self.conn = conn
+
+    def abort(self) -> None:
+        self.conn.close(ErrorCode.NO_ERROR, "server stopped")
+
+
+class H3Connection:
+    """One QUIC connection carrying HTTP/3."""
+
+    def __init__(self, listener: QuicListener, quic: Quic, addr: Any) -> None:
+        self.listener = listener
+        self.state = state = listener.state
+        self.quic = quic
+        self.addr = addr
+        self.transport = Closer(self)
+        self.cids: set[bytes] = set()  # the connection IDs the listener routes here
+        self.streams: dict[int, H3Stream] = {}  # the requests being served
+        self.incoming: dict[int, Incoming] = {}  # every open request stream
+        self.blocked: set[H3Stream] = set()
+        self.highest = -1  # the highest request stream id the client opened
+        self.goaway: int | None = None  # the stream id our GOAWAY named: none from there on
+        self.closed = False
+        self.draining = False  # after GOAWAY: closing once the last responses are delivered
+        self.due = False  # a transmit is scheduled for the end of this loop iteration
+        self.processing = False  # handling received datagrams: transmit once done
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+        self.deadline = state.clock + state.timeout_request_header
+        self.seen = state.clock  # the last tick a datagram came
+        self.resets = 0  # streams reset by the client this tick
+        client = addr[0], addr[1]
+        server = listener.address
+        self.endpoints = (client, server, "https")
+        tls = listener.tls_extension()
+        self.extensions = {**EXTENSIONS, "tls": tls}
+        self.qpack = Qpack(self)
+        self.peers = PeerStreams(self)
+        self.control = self.qpack.open_streams(state)
+        state.connections.add(self)
+
+    # Datagrams, timers, sending
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        loop = self.state.loop
+        self.quic.receive_datagram(data, addr, loop.time())
+        self.seen = self.state.clock
+        self._process()
+
+    def _process(self) -> None:
+        self.processing = True
+        try:
+            self._events()
+            if self.blocked:
+                self._unblock()
+            if self.draining and not self.streams:
+                self._close_when_delivered()
+        except ConnectionFailure as exc:
+            self._failure(exc)
+        except Exception:  # a bug must cost this connection only, never the server
+            logger.exception("HTTP/3 connection failed")
+            self.close(ErrorCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.processing = False
+        self.transmit()
+
+    def _events(self) -> None:
+        quic = self.quic
+        event = quic.next_event()
+        while event is not None:
+            kind = type(event)
+            if kind is events.StreamDataReceived:
+                assert isinstance(event, events.StreamDataReceived)
+                self._stream_data(event.stream_id, event.data, event.end_stream)
+            elif kind is events.StreamReset:
+                assert isinstance(event, events.StreamReset)
+                self._stream_reset(event.stream_id)
+            elif kind is events.StopSendingReceived:
+                assert isinstance(event, events.StopSendingReceived)
+                self._stream_reset(event.stream_id)
+            elif kind is events.ConnectionIdIssued:
+                assert isinstance(event, events.ConnectionIdIssued)
+                self.listener.route(event.connection_id, self)
+            elif kind is events.ConnectionIdRetired:
+                assert isinstance(event, events.ConnectionIdRetired)
+                self.listener.unroute(event.connection_id, self)
+            elif kind is events.ConnectionTerminated:
+                self._terminated()
+            event = quic.next_event()
+
+    def _timer_fired(self) -> None:
+        self.timer = self.timer_at = None
+        self.quic.handle_timer(self.state.loop.time())
+        self._process()
+
+    def transmit_soon(self) -> None:
+        if not self.due and not self.processing:
+            self.due = True
+            self.state.loop.call_soon(self.transmit)
+
+    def transmit(self) -> None:
+        self.due = False
+        loop = self.state.loop
+        quic = self.quic
+        sendto = self.listener.sendto
+        for data, addr in quic.datagrams_to_send(loop.time()):
+            sendto(data, addr)
+        when = quic.get_timer()
+        if when != self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = when
+            self.timer = None if when is None else loop.call_at(when, self._timer_fired)
+        if self.closed and when is None:
+            self._terminated()
+
+    def _unblock(self) -> None:
+        """Acknowledgements came: sends that waited for QUIC to send what it held go on."""
+        held_bytes = self.quic.held_bytes
+        for stream in list(self.blocked):
+            if stream.reset or held_bytes(stream.stream_id) <= LOW_WATER:
+                self.blocked.discard(stream)
+                stream.wake()
+
+    # Request streams
+
+    def _stream_data(self, stream_id: int, data: bytes, end: bool) -> None:
+        if stream_id & 2:
+            self.peers.data(stream_id, data, end)
+            return
+        incoming = self.incoming.get(stream_id)
+        if incoming is None:
+            incoming = self._open(stream_id)
+            if incoming is None:
+                return
+        if incoming.blocked is not None:
+            frames, _ = incoming.blocked
+            incoming.blocked = frames + incoming.reader.feed(data), end
+            return
+        self._frames(stream_id, incoming, incoming.reader.feed(data), end)
+
+    def _open(self, stream_id: int) -> Incoming | None:
+        """A new request stream; refused after our GOAWAY, or while the apps of streams the
+        client reset still run (the client may retry it)."""
+        if stream_id > self.highest:
+            self.highest = stream_id
+        busy = len(self.incoming) + len(self.streams) >= self.listener.max_streams
+        if busy or (self.goaway is not None and stream_id >= self.goaway):
+            self._refuse(stream_id, ErrorCode.REQUEST_REJECTED)
+            self.count_reset()
+            return None
+        incoming = self.incoming[stream_id] = Incoming(self.state.limits.head)
+        self.deadline = 0.0
+        return incoming
+
+    def _frames(
+        self, stream_id: int, incoming: Incoming, frames: list[tuple[int, bytes]], end: bool
+    ) -> None:
+        for index, (frame_type, payload) in enumerate(frames):
+            stream = incoming.stream
+            if frame_type == DATA:
+                if stream is None or incoming.trailers:
+                    raise ConnectionFailure(ErrorCode.FRAME_UNEXPECTED, "DATA out of place")
+                stream.on_data(payload)
+            elif frame_type == HEADERS:
+                if incoming.trailers:
+                    raise ConnectionFailure(ErrorCode.FRAME_UNEXPECTED, "HEADERS after trailers")
+                pairs = self.qpack.decode(stream_id, payload)
+                if pairs is None:  # blocked: the frames after it wait too
+                    incoming.blocked = frames[index + 1 :], end
+                    return
+                self._headers(stream_id, incoming, pairs, end and index == len(frames) - 1)
+            else:
+                self.peers.check_request_frame(frame_type)
+            if stream_id not in self.incoming:  # reset meanwhile
+                return
+        if end:
+            self._ended(stream_id, incoming)
+
+    def resume(self, stream_id: int, pairs: Pairs) -> None:
+        """QPACK decoded a header block that was blocked: go on with the stream's frames."""
+        incoming = self.incoming.get(stream_id)
+        if incoming is None or incoming.blocked is None:
+            return
+        frames, end = incoming.blocked
+        incoming.blocked = None
+        self._headers(stream_id, incoming, pairs, end and not frames)
+        if stream_id in self.incoming:
+            self._frames(stream_id, incoming, frames, end)
+
+    def _ended(self, stream_id: int, incoming: Incoming) -> None:
+        """FIN: the request is whole; a stream that ends inside a frame is malformed."""
+        if incoming.reader.mid_frame:
+            raise ConnectionFailure(ErrorCode.FRAME_ERROR, "stream ended inside a frame")
+        stream = incoming.stream
+        if stream is None:  # ended before its HEADERS (§4.1.2)
+            self._refuse(stream_id, ErrorCode.REQUEST_INCOMPLETE)
+            return
+        del self.incoming[stream_id]
+        if not stream.remote_ended:
+            stream.on_end()
+
+    def _headers(self, stream_id: int, incoming: Incoming, pairs: Pairs, end: bool) -> None:
+        if incoming.stream is not None:  # the trailer section (§4.1): ASGI has no place for it
+            incoming.trailers = True
+            if not trailers_valid(pairs) or any(name[:1] == b":" for name, _ in pairs):
+                self._stream_error(stream_id, "malformed trailers")
+            return
+        try:
+            request = parse_request(pairs, self.state.ws_factory is not None)
+        except Malformed as exc:
+            self._stream_error(stream_id, str(exc))
+            return
+        self._serve(stream_id, incoming, request, end, pairs)
+
+    def _serve(
+        self, stream_id: int, incoming: Incoming, request: Request, end: bool, pairs: Pairs
+    ) -> None:
+        state = self.state
+        raw_path, _, query = request.path.partition(b"?")
+        extensions = self.extensions.copy()
+        if request.te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
+            extensions["http.response.trailers"] = {}
+        proxy = self.listener.proxy if request.forwarded else None
+        scope = http_scope(
+            state, request.method, raw_path, query, "3", request.headers, self.endpoints, proxy,
+            extensions,
+        )  # fmt: skip
+        stream = incoming.stream = H3Stream(self, stream_id, scope, end)
+        self.streams[stream_id] = stream
+        if end:
+            del self.incoming[stream_id]
+        if sum(len(name) + len(value) + 32 for name, value in pairs) > state.limits.head:
+            # Past our SETTINGS_MAX_FIELD_SECTION_SIZE (RFC 9114 §4.2.2): as HTTP/1.1's 431.
+            stream.cycle = RequestCycle(state, stream, scope)
+            stream.cycle.reject(431, b"Request Header Fields Too Large")
+            return
+        body = (not end, request.expect and not end, b"")
+        start(state, stream, scope, request.protocol, body)
+
+    def _refuse(self, stream_id: int, code: ErrorCode) -> None:
+        """End a request stream both ways, unserved."""
+        self.incoming.pop(stream_id, None)
+        self.qpack.cancel(stream_id)
+        quic = self.quic
+        quic.reset_stream(stream_id, code)
+        quic.stop_stream(stream_id, code)
+
+    def _stream_error(self, stream_id: int, reason: str) -> None:
+        """A malformed request (RFC 9114 §4.1.2): H3_MESSAGE_ERROR ends its stream alone."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Malformed HTTP/3 request on stream %d: %s", stream_id, reason)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self.reset_stream(stream, ErrorCode.MESSAGE_ERROR)
+        else:
+            self._refuse(stream_id, ErrorCode.MESSAGE_ERROR)
+
+    def _stream_reset(self, stream_id: int) -> None:
+        """RESET_STREAM or STOP_SENDING from the client: the request is abandoned, and so is
+        its response (a reset of a control or QPACK stream closes the connection)."""
+        if stream_id & 2:
+            self.peers.reset(stream_id)
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id in self.incoming:
+                self._refuse(stream_id, ErrorCode.REQUEST_CANCELLED)
+                self.count_reset()
+            return
+        if not stream.done:
+            self.count_reset()
+        self.reset_stream(stream, ErrorCode.REQUEST_CANCELLED)
+
+    def count_reset(self) -> None:
+        self.resets += 1
+        if self.resets > RESETS_PER_TICK:
+            logger.warning(
+                "HTTP/3 client %s reset or opened too many streams: connection closed",
+                client_text(self.endpoints[0]),
+            )
+            raise ConnectionFailure(ErrorCode.EXCESSIVE_LOAD, "too many streams reset")
+
+    # From the streams (`fulmen.protocols.h3stream.Connection`)
+
+    def send_fields(self, stream_id: int, pairs: Pairs, tail: bytes, end: bool) -> None:
+        block = self.qpack.encode(stream_id, pairs)
+        self.quic.send_stream_data(stream_id, frame(HEADERS, block) + tail, end)
+
+    def reset_stream(self, stream: H3Stream, code: ErrorCode) -> None:
+        """End one stream both ways with `code`; the others go on."""
+        stream_id = stream.stream_id
+        self._forget(stream)
+        if not self.closed:
+            self._refuse(stream_id, code)
+            self.transmit_soon()
+        stream.on_reset()
+
+    def stream_done(self, stream: H3Stream) -> None:
+        """The response on `stream` is written whole. A request body still arriving is not
+        wanted: STOP_SENDING H3_NO_ERROR tells the client to stop (RFC 9114 §4.1)."""
+        if not self._forget(stream):
+            return
+        if not stream.remote_ended and not self.closed:
+            self.incoming.pop(stream.stream_id, None)
+            self.quic.stop_stream(stream.stream_id, ErrorCode.NO_ERROR)
+            stream.on_reset()
+        if not self.streams:
+            self._idle()
+
+    def _forget(self, stream: H3Stream) -> bool:
+        if self.streams.pop(stream.stream_id, None) is None:
+            return False
+        self.blocked.discard(stream)
+        return True
+
+    def _idle(self) -> None:
+        if self.goaway is not None:
+            self._close_when_delivered()
+        else:
+            self.deadline = self.state.clock + self.state.timeout_keep_alive
+
+    def _close_when_delivered(self) -> None:
+        """After GOAWAY, with no request left: close once the client has every response
+        (CONNECTION_CLOSE would drop what it has not acknowledged yet)."""
+        if self.quic.delivered():
+            self.close(ErrorCode.NO_ERROR, "shutdown")
+        else:
+            self.draining = True  # checked again as acknowledgements come
+
+    # Errors, timeouts, shutdown
+
+    def _failure(self, exc: ConnectionFailure) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("HTTP/3 connection error: %s", exc)
+        self.close(exc.code, str(exc))
+
+    def close(self, code: ErrorCode, reason: str) -> None:
+        """Close the QUIC connection (CONNECTION_CLOSE); its streams are gone."""
+        if self.closed:
+            return
+        self.closed = True
+        self.quic.close(error_code=code, reason_phrase=reason)
+        self._drop_streams()
+        self.transmit_soon()
+
+    def _drop_streams(self) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self.incoming.clear()
+        self.blocked.clear()
+        for stream in streams:
+            stream.on_reset()
+
+    def _terminated(self) -> None:
+        """QUIC is done with the connection (closed by either side, or idle)."""
+        self.closed = True
+        self._drop_streams()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state.connections.discard(self)
+        self.listener.forget(self)
+
+    def check_timeout(self, now: float) -> None:
+        """Server tick: close an idle connection; each stream checks its own timeouts; a PING
+        keeps QUIC's idle timeout from closing a connection whose app is still busy."""
+        self.resets = 0
+        if self.closed:
+            return
+        for stream in list(self.streams.values()):
+            stream.check_timeout(now)
+        for session in self._sessions():
+            session.check_timeout(now)
+        if self.deadline and now >= self.deadline and not self.streams and not self.incoming:
+            self.close(ErrorCode.NO_ERROR, "idle")
+        elif self.streams and now - self.seen >= self.listener.idle_timeout / 2:
+            self.quic.send_ping(0)
+            self.transmit_soon()
+
+    def _sessions(self) -> list[WebSocketSession]:
+        """The WebSockets open on this connection."""
+        return [
+            stream.tunnel.session
+            for stream in self.streams.values()
+            if isinstance(stream.tunnel, StreamWebSocket) and stream.tunnel.session is not None
+        ]
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (RFC 9114 §5.2): GOAWAY naming the first request stream not
+        opened yet; the requests already open are served, later ones refused; the connection
+        closes once they are done, or after `SHUTDOWN_GRACE` if none are."""
+        for session in self._sessions():
+            session.shutdown()
+        if self.goaway is not None or self.closed:
+            return
+        self.goaway = min(self.highest + 4, MAX_STREAM_ID)
+        goaway = frame(GOAWAY, uint_var(self.goaway))
+        self.quic.send_stream_data(self.control, goaway, False)
+        self.transmit_soon()
+        if not self.streams:
+            self._close_when_delivered()
