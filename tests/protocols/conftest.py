@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import Certs, RunningServer, start_server
 from tests.protocols.h2peer import (
     App,
     release,
@@ -47,3 +48,20 @@ def server(serve_one: Any) -> Iterator[Callable[..., tuple[Any, App]]]:
             return srv, app
 
         yield start
+
+
+ServeH3 = Callable[..., contextlib.AbstractContextManager[RunningServer]]
+
+
+@pytest.fixture
+def serve_h3(loop: str, certs: Certs) -> ServeH3:
+    """`with serve_h3(app, **options) as srv:` HTTP/3 on srv.port (UDP) beside TLS on TCP,
+    on both loops."""
+
+    @contextlib.contextmanager
+    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
+        options.setdefault("http", "httptools")
+        options.update(ssl_certfile=certs.cert, ssl_keyfile=certs.key, http3=True)
+        yield from start_server(app, loop, options)
+
+    return start

@@ -5,34 +5,20 @@ the TCP protocols, and graceful shutdown. Every case runs on both loops."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aioquic.h3.connection as aioquic_h3
 import httpx
 import pytest
 
-from tests.conftest import TIMEOUT, Certs, RunningServer, start_server
+from tests.conftest import TIMEOUT, Certs, RunningServer
+from tests.protocols.conftest import ServeH3
 from tests.protocols.h3client import H3Client, connect, run
 
-ServeH3 = Callable[..., contextlib.AbstractContextManager[RunningServer]]
 H3_INTERNAL_ERROR = 0x102
 H3_MESSAGE_ERROR = 0x10E
-
-
-@pytest.fixture
-def serve_h3(loop: str, certs: Certs) -> ServeH3:
-    """`with serve_h3(app, **options) as srv:` HTTP/3 on srv.port (UDP), TLS on TCP."""
-
-    @contextlib.contextmanager
-    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
-        options.setdefault("http", "httptools")
-        options.update(ssl_certfile=certs.cert, ssl_keyfile=certs.key, http3=True)
-        yield from start_server(app, loop, options)
-
-    return start
 
 
 async def read_body(receive: Any) -> bytes:
