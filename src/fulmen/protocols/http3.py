@@ -52,7 +52,7 @@ RESETS_PER_TICK = 200
 class Incoming:
     """A request stream as its bytes arrive: the frames, and the request once decoded."""
 
-    __slots__ = ("blocked", "reader", "stream", "trailers")
+    __slots__ = ("blocked", "discard", "ended", "reader", "stream", "trailers")
 
     def __init__(self, limit: int) -> None:
         self.reader = FrameReader(limit)
@@ -61,6 +61,8 @@ class Incoming:
         # and whether the stream ended after them; None when not blocked.
         self.blocked: tuple[list[tuple[int, bytes]], bool] | None = None
         self.trailers = False  # the trailer section came: nothing but the end may follow
+        self.ended = False  # the client's FIN came
+        self.discard = False  # read no further: the stream was answered, reset or refused
 
 
 class Closer:
@@ -144,10 +146,10 @@ class H3Connection:
                 self._stream_data(event.stream_id, event.data, event.end_stream)
             elif kind is events.StreamReset:
                 assert isinstance(event, events.StreamReset)
-                self._stream_reset(event.stream_id)
+                self._stream_reset(event.stream_id, True)
             elif kind is events.StopSendingReceived:
                 assert isinstance(event, events.StopSendingReceived)
-                self._stream_reset(event.stream_id)
+                self._stream_reset(event.stream_id, False)
             elif kind is events.ConnectionIdIssued:
                 assert isinstance(event, events.ConnectionIdIssued)
                 self.listener.route(event.connection_id, self)
@@ -203,6 +205,12 @@ class H3Connection:
             incoming = self._open(stream_id)
             if incoming is None:
                 return
+        if end:
+            incoming.ended = True
+        if incoming.discard:
+            if end:
+                del self.incoming[stream_id]
+            return
         if incoming.blocked is not None:
             frames, _ = incoming.blocked
             incoming.blocked = frames + incoming.reader.feed(data), end
@@ -242,7 +250,7 @@ class H3Connection:
                 self._headers(stream_id, incoming, pairs, end and index == len(frames) - 1)
             else:
                 self.peers.check_request_frame(frame_type)
-            if stream_id not in self.incoming:  # reset meanwhile
+            if incoming.discard:  # answered, reset or refused meanwhile
                 return
         if end:
             self._ended(stream_id, incoming)
@@ -255,18 +263,18 @@ class H3Connection:
         frames, end = incoming.blocked
         incoming.blocked = None
         self._headers(stream_id, incoming, pairs, end and not frames)
-        if stream_id in self.incoming:
+        if not incoming.discard:
             self._frames(stream_id, incoming, frames, end)
 
     def _ended(self, stream_id: int, incoming: Incoming) -> None:
         """FIN: the request is whole; a stream that ends inside a frame is malformed."""
         if incoming.reader.mid_frame:
             raise ConnectionFailure(ErrorCode.FRAME_ERROR, "stream ended inside a frame")
+        self.incoming.pop(stream_id, None)
         stream = incoming.stream
         if stream is None:  # ended before its HEADERS (§4.1.2)
             self._refuse(stream_id, ErrorCode.REQUEST_INCOMPLETE)
             return
-        del self.incoming[stream_id]
         if not stream.remote_ended:
             stream.on_end()
 
@@ -308,9 +316,19 @@ class H3Connection:
         body = (not end, request.expect and not end, b"")
         start(state, stream, scope, request.protocol, body)
 
+    def _drop(self, stream_id: int) -> None:
+        """Read no more of a request stream; it is forgotten once the client's FIN or reset
+        comes (until then, what arrives is discarded)."""
+        incoming = self.incoming.get(stream_id)
+        if incoming is not None:
+            if incoming.ended:
+                del self.incoming[stream_id]
+            else:
+                incoming.discard = True
+
     def _refuse(self, stream_id: int, code: ErrorCode) -> None:
         """End a request stream both ways, unserved."""
-        self.incoming.pop(stream_id, None)
+        self._drop(stream_id)
         self.qpack.cancel(stream_id)
         quic = self.quic
         quic.reset_stream(stream_id, code)
@@ -326,17 +344,22 @@ class H3Connection:
         else:
             self._refuse(stream_id, ErrorCode.MESSAGE_ERROR)
 
-    def _stream_reset(self, stream_id: int) -> None:
-        """RESET_STREAM or STOP_SENDING from the client: the request is abandoned, and so is
-        its response (a reset of a control or QPACK stream closes the connection)."""
+    def _stream_reset(self, stream_id: int, received: bool) -> None:
+        """RESET_STREAM (`received`: the client sends no more) or STOP_SENDING from the
+        client: the request is abandoned, and so is its response (a reset of a control or
+        QPACK stream closes the connection)."""
         if stream_id & 2:
             self.peers.reset(stream_id)
             return
+        incoming = self.incoming.get(stream_id)
+        if received and incoming is not None:
+            incoming.ended = True
         stream = self.streams.get(stream_id)
         if stream is None:
-            if stream_id in self.incoming:
+            if incoming is not None:
+                if not incoming.discard:
+                    self.count_reset()
                 self._refuse(stream_id, ErrorCode.REQUEST_CANCELLED)
-                self.count_reset()
             return
         if not stream.done:
             self.count_reset()
@@ -372,7 +395,7 @@ class H3Connection:
         if not self._forget(stream):
             return
         if not stream.remote_ended and not self.closed:
-            self.incoming.pop(stream.stream_id, None)
+            self._drop(stream.stream_id)
             self.quic.stop_stream(stream.stream_id, ErrorCode.NO_ERROR)
             stream.on_reset()
         if not self.streams:
@@ -444,7 +467,7 @@ class H3Connection:
             session.check_timeout(now)
         if self.deadline and now >= self.deadline and not self.streams and not self.incoming:
             self.close(ErrorCode.NO_ERROR, "idle")
-        elif self.streams and now - self.seen >= self.listener.idle_timeout / 2:
+        elif self.streams and self.state.clock - self.seen >= self.listener.idle_timeout / 2:
             self.quic.send_ping(0)
             self.transmit_soon()
 

@@ -47,6 +47,7 @@ CID_LENGTH = 8  # the connection IDs the server issues (aioquic's default)
 MIN_INITIAL_SIZE = 1200  # RFC 9000 §14.1: a client's Initial fills a datagram this large
 MAX_PER_ADDRESS = 64  # QUIC connections open at once from one client address
 TOKEN_LIFETIME = 10.0  # seconds a Retry token is good for
+MIN_IDLE_TIMEOUT = 30.0  # QUIC's idle timeout, at least (a peer that vanished)
 _TOKEN = struct.Struct("!dB")  # issue time, length of the original destination CID
 
 
@@ -103,7 +104,7 @@ class QuicListener(asyncio.DatagramProtocol):
         self.state = state
         # QUIC's own idle timeout, for a peer that vanished; a connection with no request
         # is closed sooner, after --timeout-keep-alive (`H3Connection.check_timeout`).
-        self.idle_timeout = max(30.0, float(config.timeout_keep_alive))
+        self.idle_timeout = max(MIN_IDLE_TIMEOUT, float(config.timeout_keep_alive))
         self.configuration = quic_configuration(config, self.idle_timeout)
         self.max_streams = config.h2_max_concurrent_streams
         self.tokens = RetryTokens() if config.http3_retry else None
