@@ -47,6 +47,10 @@ logger = logging.getLogger("fulmen.error")
 # Streams a client may reset (or have refused) per second before it is closed with
 # H3_EXCESSIVE_LOAD: each costs the server a request start (rapid reset, CVE-2023-44487).
 RESETS_PER_TICK = 200
+# Requests kept by their header block's octets, for blocks that do not use the QPACK dynamic
+# table: a client sends the same few over and over (as `h2fields.HeaderBlocks` for HTTP/2).
+KEPT_BLOCKS = 64
+KEPT_BLOCK_SIZE = 1024
 
 
 class Incoming:
@@ -101,6 +105,7 @@ class H3Connection:
         self.deadline = state.clock + state.timeout_request_header
         self.seen = state.clock  # the last tick a datagram came
         self.resets = 0  # streams reset by the client this tick
+        self.kept: dict[bytes, Request] = {}
         client = addr[0], addr[1]
         server = listener.address
         self.endpoints = (client, server, "https")
@@ -134,7 +139,9 @@ class H3Connection:
             self.close(ErrorCode.INTERNAL_ERROR, "internal error")
         finally:
             self.processing = False
-        self.transmit()
+        # Not at once: the apps of the requests just read run first (their Tasks were
+        # scheduled before this), so their responses share packets with the ACKs.
+        self.transmit_soon()
 
     def _events(self) -> None:
         quic = self.quic
@@ -161,8 +168,15 @@ class H3Connection:
             event = quic.next_event()
 
     def _timer_fired(self) -> None:
-        self.timer = self.timer_at = None
-        self.quic.handle_timer(self.state.loop.time())
+        self.timer = None
+        now = self.state.loop.time()
+        when = self.quic.get_timer()
+        if when is not None and when > now:  # QUIC's timer moved later meanwhile
+            self.timer_at = when
+            self.timer = self.state.loop.call_at(when, self._timer_fired)
+            return
+        self.timer_at = None
+        self.quic.handle_timer(now)
         self._process()
 
     def transmit_soon(self) -> None:
@@ -177,14 +191,17 @@ class H3Connection:
         sendto = self.listener.sendto
         for data, addr in quic.datagrams_to_send(loop.time()):
             sendto(data, addr)
+        # One timer handle per connection, moved only when QUIC's timer comes sooner: when it
+        # moved later, the handle fires early and is set again (`_timer_fired`).
         when = quic.get_timer()
-        if when != self.timer_at:
+        if when is None:
+            if self.closed:
+                self._terminated()
+        elif self.timer_at is None or when < self.timer_at:
             if self.timer is not None:
                 self.timer.cancel()
             self.timer_at = when
-            self.timer = None if when is None else loop.call_at(when, self._timer_fired)
-        if self.closed and when is None:
-            self._terminated()
+            self.timer = loop.call_at(when, self._timer_fired)
 
     def _unblock(self) -> None:
         """Acknowledgements came: sends that waited for QUIC to send what it held go on."""
@@ -243,11 +260,16 @@ class H3Connection:
             elif frame_type == HEADERS:
                 if incoming.trailers:
                     raise ConnectionFailure(ErrorCode.FRAME_UNEXPECTED, "HEADERS after trailers")
+                last = end and index == len(frames) - 1
+                request = self.kept.get(payload) if stream is None else None
+                if request is not None:
+                    self._serve(stream_id, incoming, request, last, False)
+                    continue
                 pairs = self.qpack.decode(stream_id, payload)
                 if pairs is None:  # blocked: the frames after it wait too
                     incoming.blocked = frames[index + 1 :], end
                     return
-                self._headers(stream_id, incoming, pairs, end and index == len(frames) - 1)
+                self._headers(stream_id, incoming, pairs, last, payload)
             else:
                 self.peers.check_request_frame(frame_type)
             if incoming.discard:  # answered, reset or refused meanwhile
@@ -262,7 +284,7 @@ class H3Connection:
             return
         frames, end = incoming.blocked
         incoming.blocked = None
-        self._headers(stream_id, incoming, pairs, end and not frames)
+        self._headers(stream_id, incoming, pairs, end and not frames, b"")
         if not incoming.discard:
             self._frames(stream_id, incoming, frames, end)
 
@@ -278,7 +300,9 @@ class H3Connection:
         if not stream.remote_ended:
             stream.on_end()
 
-    def _headers(self, stream_id: int, incoming: Incoming, pairs: Pairs, end: bool) -> None:
+    def _headers(
+        self, stream_id: int, incoming: Incoming, pairs: Pairs, end: bool, block: bytes
+    ) -> None:
         if incoming.stream is not None:  # the trailer section (§4.1): ASGI has no place for it
             incoming.trailers = True
             if not trailers_valid(pairs) or any(name[:1] == b":" for name, _ in pairs):
@@ -289,10 +313,20 @@ class H3Connection:
         except Malformed as exc:
             self._stream_error(stream_id, str(exc))
             return
-        self._serve(stream_id, incoming, request, end, pairs)
+        # Past our SETTINGS_MAX_FIELD_SECTION_SIZE (RFC 9114 §4.2.2): as HTTP/1.1's 431.
+        oversize = (
+            sum(len(name) + len(value) + 32 for name, value in pairs) > self.state.limits.head
+        )
+        if block[:1] == b"\x00" and not oversize and len(block) <= KEPT_BLOCK_SIZE:
+            # No reference to the dynamic table (Required Insert Count 0, RFC 9204 §4.5.1):
+            # these octets always mean this request.
+            if len(self.kept) >= KEPT_BLOCKS:
+                self.kept.clear()
+            self.kept[block] = request
+        self._serve(stream_id, incoming, request, end, oversize)
 
     def _serve(
-        self, stream_id: int, incoming: Incoming, request: Request, end: bool, pairs: Pairs
+        self, stream_id: int, incoming: Incoming, request: Request, end: bool, oversize: bool
     ) -> None:
         state = self.state
         raw_path, _, query = request.path.partition(b"?")
@@ -300,16 +334,15 @@ class H3Connection:
         if request.te_trailers:  # the client reads trailers (RFC 9110 §10.1.4)
             extensions["http.response.trailers"] = {}
         proxy = self.listener.proxy if request.forwarded else None
+        headers = list(request.headers)  # the request may be kept: the app may change its copy
         scope = http_scope(
-            state, request.method, raw_path, query, "3", request.headers, self.endpoints, proxy,
-            extensions,
-        )  # fmt: skip
+            state, request.method, raw_path, query, "3", headers, self.endpoints, proxy, extensions
+        )
         stream = incoming.stream = H3Stream(self, stream_id, scope, end)
         self.streams[stream_id] = stream
         if end:
             del self.incoming[stream_id]
-        if sum(len(name) + len(value) + 32 for name, value in pairs) > state.limits.head:
-            # Past our SETTINGS_MAX_FIELD_SECTION_SIZE (RFC 9114 §4.2.2): as HTTP/1.1's 431.
+        if oversize:
             stream.cycle = RequestCycle(state, stream, scope)
             stream.cycle.reject(431, b"Request Header Fields Too Large")
             return
