@@ -21,4 +21,6 @@ def listen_once(config: Config) -> tuple[list[socket.socket], list[tuple[str, in
     sockets = bind_sockets(config)
     for sock in sockets:
         logger.info("Fulmen running on %s (Press CTRL+C to quit)", describe(sock, scheme))
+        if config.http3 and sock.family != socket.AF_UNIX:  # each child binds its UDP socket
+            logger.info("HTTP/3 on %s (UDP)", describe(sock, "https"))
     return sockets, socket_files(config, sockets)
