@@ -106,6 +106,7 @@ class H3Connection:
         self.seen = state.clock  # the last tick a datagram came
         self.resets = 0  # streams reset by the client this tick
         self.kept: dict[bytes, Request] = {}
+        self.orphans = 0  # apps still running for streams the client reset
         client = addr[0], addr[1]
         server = listener.address
         self.endpoints = (client, server, "https")
@@ -164,7 +165,7 @@ class H3Connection:
                 assert isinstance(event, events.ConnectionIdRetired)
                 self.listener.unroute(event.connection_id, self)
             elif kind is events.ConnectionTerminated:
-                self._terminated()
+                self.terminate()
             event = quic.next_event()
 
     def _timer_fired(self) -> None:
@@ -196,7 +197,7 @@ class H3Connection:
         when = quic.get_timer()
         if when is None:
             if self.closed:
-                self._terminated()
+                self.terminate()
         elif self.timer_at is None or when < self.timer_at:
             if self.timer is not None:
                 self.timer.cancel()
@@ -239,7 +240,7 @@ class H3Connection:
         client reset still run (the client may retry it)."""
         if stream_id > self.highest:
             self.highest = stream_id
-        busy = len(self.incoming) + len(self.streams) >= self.listener.max_streams
+        busy = len(self.incoming) + len(self.streams) + self.orphans >= self.listener.max_streams
         if busy or (self.goaway is not None and stream_id >= self.goaway):
             self._refuse(stream_id, ErrorCode.REQUEST_REJECTED)
             self.count_reset()
@@ -396,7 +397,15 @@ class H3Connection:
             return
         if not stream.done:
             self.count_reset()
+        task = stream.cycle.task if stream.cycle is not None else None
         self.reset_stream(stream, ErrorCode.REQUEST_CANCELLED)
+        if task is not None and not task.done():
+            # Its app still runs: it counts against the stream limit until it returns.
+            self.orphans += 1
+            task.add_done_callback(self._orphan_done)
+
+    def _orphan_done(self, task: asyncio.Task[None]) -> None:
+        self.orphans -= 1
 
     def count_reset(self) -> None:
         self.resets += 1
@@ -478,7 +487,7 @@ class H3Connection:
         for stream in streams:
             stream.on_reset()
 
-    def _terminated(self) -> None:
+    def terminate(self) -> None:
         """QUIC is done with the connection (closed by either side, or idle)."""
         self.closed = True
         self._drop_streams()

@@ -237,5 +237,9 @@ class QuicListener(asyncio.DatagramProtocol):
         self.accepting = False
 
     def close(self) -> None:
+        """The end of a shutdown: the socket closes, and with it whatever connection is still
+        in its closing period (RFC 9000 §10.2)."""
+        for conn in list(self.connections):
+            conn.terminate()
         if self.transport is not None:
             self.transport.close()
