@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import ssl
 from collections.abc import Callable
@@ -89,8 +88,8 @@ class Config:
     )
     http3: bool = option(
         False,
-        "Serve HTTP/3 over QUIC on the TLS port (UDP), advertised with Alt-Svc. Needs "
-        "--ssl-certfile and the 'http3' extra (aioquic).",
+        "Serve HTTP/3 over QUIC on the TLS port (UDP), advertised with Alt-Svc. Needs TLS "
+        "(a certificate file) and the 'http3' extra (aioquic).",
         flag="--http3/--no-http3",
     )
     http3_retry: bool = option(
@@ -308,19 +307,6 @@ class Config:
             self.forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
         self._check_reload()
         self._check_processes()
-        self._check_http3()
-
-    def _check_http3(self) -> None:
-        if not self.http3:
-            return
-        if self.ssl_certfile is None:
-            raise ValueError("http3 needs ssl_certfile: QUIC is always encrypted")
-        if self.ssl_cert_reqs == ssl.CERT_REQUIRED:
-            # Client certificates are not asked for over QUIC: HTTP/3 would let clients
-            # without one in.
-            raise ValueError("http3 cannot be used with ssl_cert_reqs 2 (client certificates)")
-        if importlib.util.find_spec("aioquic") is None:
-            raise ValueError("http3 needs aioquic: pip install 'fulmen[http3]'")
 
     def _check_reload(self) -> None:
         for name in ("reload_dirs", "reload_includes", "reload_excludes"):

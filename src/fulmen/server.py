@@ -265,12 +265,15 @@ class Server:
 
         assert self.state is not None and self._loop is not None
         state, config = self.state, self.config
+        assert config.ssl_certfile is not None
+        tls = (config.ssl_certfile, config.ssl_keyfile, config.ssl_keyfile_password)
+        streams = config.h2_max_concurrent_streams
         for sock in sockets:
             if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             udp = bind_udp(sock, reuse_port)
             _, listener = await self._loop.create_datagram_endpoint(
-                lambda: QuicListener(state, config), sock=udp
+                lambda: QuicListener(state, tls, config.http3_retry, streams), sock=udp
             )
             if not self.quic_listeners:
                 state.advertise_http3(udp.getsockname()[1])

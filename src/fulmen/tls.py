@@ -7,6 +7,7 @@ OpenSSL's `TLSv1` group, no renegotiation, and ALPN announcing `h2` (with HTTP/2
 
 from __future__ import annotations
 
+import importlib.util
 import ssl
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,8 @@ def check_tls_options(config: Config) -> None:
             given.append("ssl_version")
         if config.ssl_cert_reqs != ssl.CERT_NONE:
             given.append("ssl_cert_reqs")
+        if config.http3:  # QUIC is always encrypted
+            given.append("http3")
         if given:  # never serve plain HTTP to someone who asked for TLS
             raise TLSError(f"{', '.join(given)} given without ssl_certfile")
         return
@@ -59,6 +62,17 @@ def check_tls_options(config: Config) -> None:
         )
     if config.ssl_cert_reqs != ssl.CERT_NONE and config.ssl_ca_certs is None:
         raise TLSError("ssl_cert_reqs 1 or 2 needs ssl_ca_certs to verify client certificates")
+    if config.http3:
+        _check_http3(config)
+
+
+def _check_http3(config: Config) -> None:
+    if config.ssl_cert_reqs == ssl.CERT_REQUIRED:
+        # QUIC connections are not asked for client certificates: HTTP/3 would let clients
+        # without one in.
+        raise TLSError("http3 cannot be used with ssl_cert_reqs 2 (client certificates)")
+    if importlib.util.find_spec("aioquic") is None:
+        raise TLSError("http3 needs aioquic: pip install 'fulmen[http3]'")
 
 
 def create_ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -16,6 +16,7 @@ import pytest
 
 from fulmen import Config
 from fulmen.protocols import quic as quic_module
+from fulmen.tls import TLSError, check_tls_options
 from tests.conftest import TIMEOUT, Certs
 from tests.protocols.conftest import ServeH3
 from tests.protocols.h3client import connect, run
@@ -218,13 +219,15 @@ def test_metrics_count_http3(serve_h3: ServeH3, certs: Certs) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({}, "http3 needs ssl_certfile"),
-        ({"ssl_certfile": "c.pem", "ssl_cert_reqs": 2}, "ssl_cert_reqs 2"),
+        ({}, "http3 given without ssl_certfile"),
+        ({"ssl_cert_reqs": 2, "ssl_ca_certs": "ca.pem"}, "ssl_cert_reqs 2"),
     ],
 )
-def test_options_checked(options: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Config("tests.apps:app", http3=True, **options)
+def test_options_checked(options: dict[str, Any], message: str, certs: Certs) -> None:
+    if options:
+        options["ssl_certfile"] = certs.cert
+    with pytest.raises(TLSError, match=message):
+        check_tls_options(Config("tests.apps:app", http3=True, **options))
 
 
 def test_needs_aioquic(monkeypatch: pytest.MonkeyPatch, certs: Certs) -> None:
@@ -234,8 +237,8 @@ def test_needs_aioquic(monkeypatch: pytest.MonkeyPatch, certs: Certs) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "aioquic" else real(name)
     )
-    with pytest.raises(ValueError, match="pip install 'fulmen\\[http3\\]'"):
-        Config("tests.apps:app", http3=True, ssl_certfile=certs.cert)
+    with pytest.raises(TLSError, match="pip install 'fulmen\\[http3\\]'"):
+        check_tls_options(Config("tests.apps:app", http3=True, ssl_certfile=certs.cert))
 
 
 def test_needs_a_tcp_listener(serve_one: Any, certs: Certs, tmp_path: Path) -> None:

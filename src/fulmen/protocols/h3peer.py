@@ -15,7 +15,7 @@ types it does not know. Closing or resetting a critical stream closes the connec
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pylsqpack import (
     Decoder,
@@ -52,10 +52,8 @@ from fulmen.protocols.h3frames import (
     uint_var,
     varint,
 )
+from fulmen.protocols.quicconn import Quic
 from fulmen.state import ServerState
-
-if TYPE_CHECKING:
-    from fulmen.protocols.http3 import H3Connection
 
 TABLE_CAPACITY = 4096  # the QPACK dynamic table we let the client's encoder use
 BLOCKED_STREAMS = 16  # request streams that may wait for the encoder stream at once
@@ -66,12 +64,25 @@ _NOT_FROM_CLIENTS = frozenset((PUSH_PROMISE,)) | RESERVED_H2_FRAMES
 _CRITICAL = frozenset((CONTROL_STREAM, ENCODER_STREAM, DECODER_STREAM))
 
 
+class Connection(Protocol):
+    """What QPACK and the client's streams need of their connection (`H3Connection`)."""
+
+    quic: Quic
+    qpack: Qpack
+
+    def resume(self, stream_id: int, pairs: Pairs) -> None:
+        """A header block that waited for the encoder stream is decoded."""
+
+    def count_reset(self) -> None:
+        """One more stream the client made the server refuse (bounded per second)."""
+
+
 class Qpack:
     """The connection's QPACK encoder and decoder, and our encoder and decoder streams."""
 
     __slots__ = ("conn", "decoder", "decoder_stream", "encoder", "encoder_stream")
 
-    def __init__(self, conn: H3Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.decoder = Decoder(TABLE_CAPACITY, BLOCKED_STREAMS)
         self.encoder = Encoder()
@@ -161,7 +172,7 @@ class PeerStreams:
 
     __slots__ = ("conn", "control", "critical", "partial", "settings", "types")
 
-    def __init__(self, conn: H3Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.types: dict[int, int] = {}
         self.partial: dict[int, bytes] = {}  # a stream type not whole yet

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aioquic.quic import events
 
+from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols.cycle import RequestCycle, client_text
 from fulmen.protocols.h2fields import Malformed, Request, parse_request, trailers_valid
 from fulmen.protocols.h3fields import Pairs
@@ -38,9 +39,7 @@ from fulmen.protocols.scope import EXTENSIONS, http_scope
 from fulmen.protocols.streams import start
 from fulmen.protocols.websocket import WebSocketSession
 from fulmen.protocols.websocket_stream import StreamWebSocket
-
-if TYPE_CHECKING:
-    from fulmen.protocols.quic import QuicListener
+from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
 
@@ -51,6 +50,26 @@ RESETS_PER_TICK = 200
 # table: a client sends the same few over and over (as `h2fields.HeaderBlocks` for HTTP/2).
 KEPT_BLOCKS = 64
 KEPT_BLOCK_SIZE = 1024
+
+
+class Listener(Protocol):
+    """What a connection needs of its UDP listener (`fulmen.protocols.quic.QuicListener`)."""
+
+    state: ServerState
+    address: tuple[str, int] | None  # the server's, for the scope
+    proxy: ProxyHeaders | None
+    max_streams: int
+    idle_timeout: float
+
+    def sendto(self, data: bytes, addr: Any) -> None: ...
+
+    def route(self, cid: bytes, conn: H3Connection) -> None: ...
+
+    def unroute(self, cid: bytes, conn: H3Connection) -> None: ...
+
+    def forget(self, conn: H3Connection) -> None: ...
+
+    def tls_extension(self) -> dict[str, Any]: ...
 
 
 class Incoming:
@@ -84,7 +103,7 @@ class Closer:
 class H3Connection:
     """One QUIC connection carrying HTTP/3."""
 
-    def __init__(self, listener: QuicListener, quic: Quic, addr: Any) -> None:
+    def __init__(self, listener: Listener, quic: Quic, addr: Any) -> None:
         self.listener = listener
         self.state = state = listener.state
         self.quic = quic

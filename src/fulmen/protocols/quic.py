@@ -34,7 +34,6 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
-from fulmen.config import Config
 from fulmen.middleware.proxy_headers import ProxyHeaders
 from fulmen.protocols.http3 import H3Connection
 from fulmen.protocols.quicconn import Quic
@@ -79,7 +78,9 @@ class RetryTokens:
         return odcid
 
 
-def quic_configuration(config: Config, idle_timeout: float) -> QuicConfiguration:
+def quic_configuration(
+    certfile: str, keyfile: str | None, password: str | None, idle_timeout: float
+) -> QuicConfiguration:
     """The QUIC side of the server: ALPN h3, the certificate of --ssl-certfile."""
     configuration = QuicConfiguration(
         is_client=False,
@@ -88,26 +89,31 @@ def quic_configuration(config: Config, idle_timeout: float) -> QuicConfiguration
         connection_id_length=CID_LENGTH,
         max_datagram_frame_size=None,
     )
-    certfile = config.ssl_certfile
-    assert certfile is not None
     # The key may sit in the certificate file, as Python's ssl module allows.
-    configuration.load_cert_chain(
-        certfile, config.ssl_keyfile or certfile, config.ssl_keyfile_password
-    )
+    configuration.load_cert_chain(certfile, keyfile or certfile, password)
     return configuration
 
 
 class QuicListener(asyncio.DatagramProtocol):
     """One UDP socket: its QUIC connections, by every connection ID they use."""
 
-    def __init__(self, state: ServerState, config: Config) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        tls: tuple[str, str | None, str | None],
+        retry: bool,
+        max_streams: int,
+    ) -> None:
+        """`tls`: the certificate file, key file and key password; `retry`: validate
+        addresses (--http3-retry); `max_streams`: per connection (--h2-max-concurrent-streams).
+        """
         self.state = state
         # QUIC's own idle timeout, for a peer that vanished; a connection with no request
         # is closed sooner, after --timeout-keep-alive (`H3Connection.check_timeout`).
-        self.idle_timeout = max(MIN_IDLE_TIMEOUT, float(config.timeout_keep_alive))
-        self.configuration = quic_configuration(config, self.idle_timeout)
-        self.max_streams = config.h2_max_concurrent_streams
-        self.tokens = RetryTokens() if config.http3_retry else None
+        self.idle_timeout = max(MIN_IDLE_TIMEOUT, float(state.timeout_keep_alive))
+        self.configuration = quic_configuration(*tls, self.idle_timeout)
+        self.max_streams = max_streams
+        self.tokens = RetryTokens() if retry else None
         self.proxy: ProxyHeaders | None = state.proxy_headers
         self.routes: dict[bytes, H3Connection] = {}
         self.per_address: dict[str, int] = {}
