@@ -237,11 +237,7 @@ class H3Connection:
         if stream_id & 2:
             self.peers.data(stream_id, data, end)
             return
-        incoming = self.incoming.get(stream_id)
-        if incoming is None:
-            incoming = self._open(stream_id)
-            if incoming is None:
-                return
+        incoming = self.incoming.get(stream_id) or self._open(stream_id)
         if end:
             incoming.ended = True
         if incoming.discard:
@@ -254,18 +250,19 @@ class H3Connection:
             return
         self._frames(stream_id, incoming, incoming.reader.feed(data), end)
 
-    def _open(self, stream_id: int) -> Incoming | None:
-        """A new request stream; refused after our GOAWAY, or while the apps of streams the
-        client reset still run (the client may retry it)."""
+    def _open(self, stream_id: int) -> Incoming:
+        """A new request stream; refused after our GOAWAY, or while as many requests are
+        served (their apps still running) as a connection may have (the client may retry it).
+        A refused stream is remembered until its FIN or reset, its late data discarded."""
         if stream_id > self.highest:
             self.highest = stream_id
-        busy = len(self.incoming) + len(self.streams) + self.orphans >= self.listener.max_streams
+        incoming = self.incoming[stream_id] = Incoming(self.state.limits.head)
+        busy = len(self.streams) + self.orphans >= self.listener.max_streams
         if busy or (self.goaway is not None and stream_id >= self.goaway):
             self._refuse(stream_id, ErrorCode.REQUEST_REJECTED)
             self.count_reset()
-            return None
-        incoming = self.incoming[stream_id] = Incoming(self.state.limits.head)
-        self.deadline = 0.0
+        else:
+            self.deadline = 0.0
         return incoming
 
     def _frames(

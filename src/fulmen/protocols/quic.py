@@ -30,7 +30,6 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_retry,
-    encode_quic_version_negotiation,
     pull_quic_header,
 )
 
@@ -112,6 +111,7 @@ class QuicListener(asyncio.DatagramProtocol):
         # is closed sooner, after --timeout-keep-alive (`H3Connection.check_timeout`).
         self.idle_timeout = max(MIN_IDLE_TIMEOUT, float(state.timeout_keep_alive))
         self.configuration = quic_configuration(*tls, self.idle_timeout)
+        self.versions = self.configuration.supported_versions
         self.max_streams = max_streams
         self.tokens = RetryTokens() if retry else None
         self.proxy: ProxyHeaders | None = state.proxy_headers
@@ -143,10 +143,17 @@ class QuicListener(asyncio.DatagramProtocol):
         return self._tls
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if data and not data[0] & 0x80:  # a short header: an established connection
+        if not data:
+            return
+        if not data[0] & 0x80:  # a short header: an established connection
             conn = self.routes.get(data[1 : 1 + CID_LENGTH])
             if conn is not None and conn.addr == addr:
                 conn.datagram_received(data, addr)
+            return
+        version = int.from_bytes(data[1:5], "big")
+        if version not in self.versions:  # read as RFC 8999's invariants, nothing more
+            if version and len(data) >= MIN_INITIAL_SIZE:  # (0: a Version Negotiation)
+                self._negotiate(data, addr)
             return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
@@ -157,19 +164,28 @@ class QuicListener(asyncio.DatagramProtocol):
             if conn.addr == addr:
                 conn.datagram_received(data, addr)
             return
-        if header.packet_type is not QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
+        if (
+            header.packet_type is QuicPacketType.INITIAL
+            and len(data) >= MIN_INITIAL_SIZE
+            # RFC 9000 §7.2: a client's first Destination Connection ID has 8 bytes at least.
+            and len(header.destination_cid) >= CID_LENGTH
+        ):
+            self._initial(data, addr, header)
+
+    def _negotiate(self, data: bytes, addr: Any) -> None:
+        """A version the server does not speak: Version Negotiation (RFC 9000 §6), echoing
+        the connection IDs as RFC 8999 §5.1 lays them out for any version."""
+        dcid_end = 6 + data[5]
+        if len(data) <= dcid_end:
             return
-        if header.version not in self.configuration.supported_versions:
-            self.sendto(
-                encode_quic_version_negotiation(
-                    source_cid=header.destination_cid,
-                    destination_cid=header.source_cid,
-                    supported_versions=self.configuration.supported_versions,
-                ),
-                addr,
-            )
+        scid_end = dcid_end + 1 + data[dcid_end]
+        if len(data) < scid_end:
             return
-        self._initial(data, addr, header)
+        # The packet (RFC 9000 §17.2.1), built here: its CIDs may be longer than QUIC v1's 20
+        # bytes (another version's), which aioquic's encoder refuses.
+        dcid, scid = data[dcid_end + 1 : scid_end], data[6:dcid_end]
+        packet = b"%c\0\0\0\0%c%s%c%s" % (0x80 | os.urandom(1)[0], len(dcid), dcid, len(scid), scid)
+        self.sendto(packet + b"".join(v.to_bytes(4, "big") for v in self.versions), addr)
 
     def _initial(self, data: bytes, addr: Any, header: Any) -> None:
         """An Initial for no known connection: a new connection, if it may open one."""

@@ -26,7 +26,8 @@ class Quic(QuicConnection):
         self.held: set[int] = set()
         # The request streams a client may open at once (aioquic's default is 128, and it
         # has no setting for it): --h2-max-concurrent-streams, as for HTTP/2.
-        self._local_max_streams_bidi.value = max_streams
+        limit = self._local_max_streams_bidi
+        limit.value = limit.sent = max_streams  # announced as such in the handshake
 
     def held_bytes(self, stream_id: int) -> int:
         """Bytes written to the stream that the client has not acknowledged yet."""
