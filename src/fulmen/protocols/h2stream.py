@@ -23,9 +23,9 @@ from fulmen.protocols.flow import Stall, wake
 from fulmen.protocols.h2fields import interim_fields, response_fields, trailer_fields
 from fulmen.protocols.h2frames import DATA, DEFAULT_WINDOW, END_STREAM, ErrorCode, frame
 from fulmen.protocols.hpack import encode_field
+from fulmen.protocols.streams import Tunnel, count_body, drain, head_rules
 from fulmen.state import ServerState
 
-_NO_BODY_STATUSES = frozenset((204, 304))
 FLUSH_SIZE = 65536  # DATA octets queued on a connection that are written without waiting
 
 
@@ -54,17 +54,6 @@ class Connection(Protocol):
     def reset_stream(self, stream: H2Stream, code: ErrorCode) -> None: ...
 
     def stream_done(self, stream: H2Stream) -> None: ...
-
-
-class Tunnel(Protocol):
-    """What carries a stream's DATA instead of a request body: a WebSocket (RFC 8441,
-    `fulmen.protocols.websocket_stream.StreamWebSocket`)."""
-
-    def on_data(self, data: bytes) -> None: ...
-
-    def on_end(self) -> None: ...
-
-    def on_reset(self) -> None: ...
 
 
 class H2Stream:
@@ -122,12 +111,10 @@ class H2Stream:
 
     def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
         block, length = response_fields(status, headers, self.conn.state.default_fields)
-        self.no_body = no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUSES
-        if length is not None:
-            self.remaining = length
-            if not no_body:
-                self._count(body, more_body)
-        elif not more_body and not no_body:
+        rules = head_rules(self.scope["method"], status, length, body, more_body)
+        self.no_body, self.remaining, add_length = rules
+        no_body = rules[0]
+        if add_length:
             block.append(encode_field(b"content-length", b"%d" % len(body)))
         if self.reset:
             return
@@ -143,19 +130,9 @@ class H2Stream:
         if self.no_body or self.reset:
             return
         if self.remaining is not None:
-            self._count(body, more_body)
+            self.remaining = count_body(self.remaining, body, more_body)
         self._data(body, not more_body)
         self.conn.flush()
-
-    def _count(self, body: bytes, more_body: bool) -> None:
-        """Hold the body to the application's Content-Length (RFC 9113 §8.1.1)."""
-        assert self.remaining is not None
-        remaining = self.remaining - len(body)
-        if remaining < 0:
-            raise RuntimeError("Response content longer than Content-Length")
-        if not more_body and remaining:
-            raise RuntimeError("Response content shorter than Content-Length")
-        self.remaining = remaining
 
     def file_socket(self, count: int) -> None:
         """A file body is read and sent in DATA frames, within the flow-control windows."""
@@ -215,13 +192,7 @@ class H2Stream:
             unacked, self.unacked = self.unacked, 0
             self.conn.give_credit(self, unacked)
 
-    async def drain(self) -> None:
-        if not self.write_paused:
-            return
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            waiter = self.waiter = self.conn.state.loop.create_future()
-        await waiter
+    drain = drain
 
     def wake(self) -> None:
         """Let a `send` waiting in `drain()` go on, unless writing is still paused."""

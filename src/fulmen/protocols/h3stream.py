@@ -25,9 +25,9 @@ from fulmen.protocols.h2fields import trailer_pairs
 from fulmen.protocols.h3fields import Pairs, interim_pairs, response_pairs
 from fulmen.protocols.h3frames import ErrorCode, data_head
 from fulmen.protocols.quicconn import Quic
+from fulmen.protocols.streams import Tunnel, count_body, drain, head_rules
 from fulmen.state import ServerState
 
-_NO_BODY_STATUSES = frozenset((204, 304))
 HIGH_WATER = 256 * 1024  # response bytes QUIC holds for a stream before `send` waits
 LOW_WATER = HIGH_WATER // 4
 READ_BUFFER = 1024 * 1024  # request body bytes not taken by the app before the window holds
@@ -49,17 +49,6 @@ class Connection(Protocol):
     def reset_stream(self, stream: H3Stream, code: ErrorCode) -> None: ...
 
     def stream_done(self, stream: H3Stream) -> None: ...
-
-
-class Tunnel(Protocol):
-    """What takes a stream's DATA instead of a request body: a WebSocket (RFC 9220,
-    `fulmen.protocols.websocket_stream.StreamWebSocket`)."""
-
-    def on_data(self, data: bytes) -> None: ...
-
-    def on_end(self) -> None: ...
-
-    def on_reset(self) -> None: ...
 
 
 class H3Stream:
@@ -105,12 +94,10 @@ class H3Stream:
 
     def send_head(self, status: int, headers: Headers, body: bytes, more_body: bool) -> None:
         pairs, length = response_pairs(status, headers, self.conn.state.default_fields)
-        self.no_body = no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUSES
-        if length is not None:
-            self.remaining = length
-            if not no_body:
-                self._count(body, more_body)
-        elif not more_body and not no_body:
+        rules = head_rules(self.scope["method"], status, length, body, more_body)
+        self.no_body, self.remaining, add_length = rules
+        no_body = rules[0]
+        if add_length:
             pairs.append((b"content-length", b"%d" % len(body)))
         if self.reset:
             return
@@ -123,7 +110,7 @@ class H3Stream:
         if self.no_body or self.reset:
             return
         if self.remaining is not None:
-            self._count(body, more_body)
+            self.remaining = count_body(self.remaining, body, more_body)
         quic = self.conn.quic
         if body:
             quic.send_stream_data(self.stream_id, data_head(len(body)) + body, not more_body)
@@ -132,16 +119,6 @@ class H3Stream:
         else:
             return
         self._sent(not more_body)
-
-    def _count(self, body: bytes, more_body: bool) -> None:
-        """Hold the body to the application's Content-Length (RFC 9114 §4.1.2)."""
-        assert self.remaining is not None
-        remaining = self.remaining - len(body)
-        if remaining < 0:
-            raise RuntimeError("Response content longer than Content-Length")
-        if not more_body and remaining:
-            raise RuntimeError("Response content shorter than Content-Length")
-        self.remaining = remaining
 
     def _sent(self, end: bool) -> None:
         conn = self.conn
@@ -212,13 +189,7 @@ class H3Stream:
         self.read_paused = False
         self._release()
 
-    async def drain(self) -> None:
-        if not self.write_paused:
-            return
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            waiter = self.waiter = self.conn.state.loop.create_future()
-        await waiter
+    drain = drain
 
     def wake(self) -> None:
         """Let a `send` waiting in `drain()` go on."""

@@ -51,9 +51,7 @@ from fulmen.protocols.h2stream import H2Stream
 from fulmen.protocols.hpack import Encoder
 from fulmen.protocols.linger import SHUTDOWN_GRACE, linger
 from fulmen.protocols.scope import EXTENSIONS, endpoints, http_scope, tls_of
-from fulmen.protocols.streams import start
-from fulmen.protocols.websocket import WebSocketSession
-from fulmen.protocols.websocket_stream import StreamWebSocket
+from fulmen.protocols.streams import sessions, start, tick
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -544,20 +542,9 @@ class H2Connection(asyncio.Protocol):
         if self.stall.check(now, self.write_paused, size, self.state.timeout_send):
             self.transport.abort()
             return
-        for stream in list(self.streams.values()):
-            stream.check_timeout(now)
-        for session in self._sessions():
-            session.check_timeout(now)
+        tick(self.streams.values(), now)
         if self.deadline and now >= self.deadline and not self.streams:
             self.shutdown()
-
-    def _sessions(self) -> list[WebSocketSession]:
-        """The WebSockets open on this connection."""
-        return [
-            stream.tunnel.session
-            for stream in self.streams.values()
-            if isinstance(stream.tunnel, StreamWebSocket) and stream.tunnel.session is not None
-        ]
 
     def shutdown(self) -> None:
         """Graceful shutdown in two steps (RFC 9113 §6.8), for requests may be on their way:
@@ -565,7 +552,7 @@ class H2Connection(asyncio.Protocol):
         Once the PING comes back (every frame sent before it is in), or after `SHUTDOWN_GRACE`,
         the final GOAWAY names the last stream served; the connection closes once those
         streams are done."""
-        for session in self._sessions():
+        for session in sessions(self.streams.values()):
             session.shutdown()
         if self.draining or self.closing:
             return

@@ -36,9 +36,7 @@ from fulmen.protocols.h3peer import PeerStreams, Qpack
 from fulmen.protocols.h3stream import LOW_WATER, H3Stream
 from fulmen.protocols.quicconn import Quic
 from fulmen.protocols.scope import EXTENSIONS, http_scope
-from fulmen.protocols.streams import start
-from fulmen.protocols.websocket import WebSocketSession
-from fulmen.protocols.websocket_stream import StreamWebSocket
+from fulmen.protocols.streams import sessions, start, tick
 from fulmen.state import ServerState
 
 logger = logging.getLogger("fulmen.error")
@@ -519,29 +517,18 @@ class H3Connection:
         self.resets = 0
         if self.closed:
             return
-        for stream in list(self.streams.values()):
-            stream.check_timeout(now)
-        for session in self._sessions():
-            session.check_timeout(now)
+        tick(self.streams.values(), now)
         if self.deadline and now >= self.deadline and not self.streams and not self.incoming:
             self.close(ErrorCode.NO_ERROR, "idle")
         elif self.streams and self.state.clock - self.seen >= self.listener.idle_timeout / 2:
             self.quic.send_ping(0)
             self.transmit_soon()
 
-    def _sessions(self) -> list[WebSocketSession]:
-        """The WebSockets open on this connection."""
-        return [
-            stream.tunnel.session
-            for stream in self.streams.values()
-            if isinstance(stream.tunnel, StreamWebSocket) and stream.tunnel.session is not None
-        ]
-
     def shutdown(self) -> None:
         """Graceful shutdown (RFC 9114 §5.2): GOAWAY naming the first request stream not
         opened yet; the requests already open are served, later ones refused; the connection
-        closes once they are done, or after `SHUTDOWN_GRACE` if none are."""
-        for session in self._sessions():
+        closes once they are done and their responses delivered."""
+        for session in sessions(self.streams.values()):
             session.shutdown()
         if self.goaway is not None or self.closed:
             return
