@@ -8,20 +8,14 @@ available).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 
+from tests.chromium import CHROMIUM, browser
 from tests.conftest import TIMEOUT
 
 TEXT = "héllo wörld ✓ 日本語 🚀"
@@ -37,27 +31,6 @@ ws.onmessage = (event) => { ws.close(1000); report("echo", event.data); };
 ws.onclose = (event) => { if (!event.wasClean) report("error", "closed " + event.code); };
 </script></body></html>
 """
-
-
-def _chromium() -> str | None:
-    if os.path.exists("/usr/bin/chromium"):
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
-
-
-CHROMIUM = _chromium()
-
-# As root Chromium needs --no-sandbox; the network here is closed, so nothing may reach out.
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class Recorder:
@@ -110,55 +83,16 @@ class Recorder:
             await send({"type": "websocket.send", "text": message["text"]})
 
 
-@contextlib.contextmanager
-def _browser_profile() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="fulmen-chromium-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _browser(url: str, *flags: str) -> Iterator[Callable[[], str]]:
-    """Headless Chromium showing `url` until the block ends, in a fresh profile.
-
-    Yields a function returning what Chromium wrote to stderr so far (for failure messages).
-    """
-    assert CHROMIUM is not None
-    with _browser_profile() as profile, tempfile.TemporaryFile() as log:
-        # Its own session, so stopping it stops the renderer and helper processes too.
-        proc = subprocess.Popen(
-            [CHROMIUM, *FLAGS, *flags, f"--user-data-dir={profile}", url],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-
-        def output() -> str:
-            log.seek(0)
-            return log.read().decode(errors="replace")
-
-        try:
-            yield output
-        finally:
-            # The leader is not reaped before this, so its process group id is still ours.
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=TIMEOUT)
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.parametrize("engine", ["websockets", "wsproto"])
 def test_browser_websocket_echo(serve_one: Any, engine: str) -> None:
     """Chromium's WebSocket echoes non-ASCII text through fulmen (with its deflate offer)."""
     recorder = Recorder()
-    with serve_one(recorder.app, ws=engine) as srv, _browser(srv.url + "/") as output:
+    with (
+        serve_one(recorder.app, ws=engine) as srv,
+        browser(srv.url + "/", "--disable-quic") as output,
+    ):
         assert recorder.done.wait(TIMEOUT), f"no result from the browser:\n{output()}"
     with recorder.lock:
         assert recorder.result == {"echo": TEXT}
@@ -179,7 +113,7 @@ def test_browser_websocket_over_http2(serve_one: Any, certs: Any, engine: str) -
     tls = {"ssl_certfile": certs.cert, "ssl_keyfile": certs.key}
     with serve_one(recorder.app, ws=engine, **tls) as srv:
         url = f"https://localhost:{srv.port}/"
-        with _browser(url, "--ignore-certificate-errors") as output:
+        with browser(url, "--disable-quic", "--ignore-certificate-errors") as output:
             assert recorder.done.wait(TIMEOUT), f"no result from the browser:\n{output()}"
     with recorder.lock:
         assert recorder.result == {"echo": TEXT}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -262,3 +263,23 @@ def test_shutdown_finishes_open_requests(serve_h3: ServeH3, certs: Certs) -> Non
         response, client = run(main(srv))
     assert response.status == 200
     assert client.terminated is not None and client.terminated.error_code == 0x100
+
+
+def test_shutdown_with_a_silent_client(serve_h3: ServeH3, certs: Certs) -> None:
+    """A client gone without a word does not hold the shutdown: its connection closes after
+    the grace, not QUIC's 30 s idle timeout."""
+
+    async def main(port: int) -> Any:
+        async with connect(port, certs) as client:
+            response = await client.get()
+            client._transport.abort()  # gone: nothing more is acknowledged or sent
+            return response
+
+    with serve_h3(hello) as srv:
+        response = run(main(srv.port))
+        started = time.monotonic()
+        srv.server.should_exit = True
+        assert _wait_for(lambda: not srv.server.state.connections)
+        elapsed = time.monotonic() - started
+    assert response.status == 200
+    assert elapsed < 5

@@ -34,6 +34,7 @@ from fulmen.protocols.h3frames import (
 )
 from fulmen.protocols.h3peer import PeerStreams, Qpack
 from fulmen.protocols.h3stream import LOW_WATER, H3Stream
+from fulmen.protocols.linger import SHUTDOWN_GRACE
 from fulmen.protocols.quicconn import Quic
 from fulmen.protocols.scope import EXTENSIONS, http_scope
 from fulmen.protocols.streams import sessions, start, tick
@@ -471,11 +472,18 @@ class H3Connection:
 
     def _close_when_delivered(self) -> None:
         """After GOAWAY, with no request left: close once the client has every response
-        (CONNECTION_CLOSE would drop what it has not acknowledged yet)."""
+        (CONNECTION_CLOSE would drop what it has not acknowledged yet), or after
+        `SHUTDOWN_GRACE`."""
         if self.quic.delivered():
             self.close(ErrorCode.NO_ERROR, "shutdown")
-        else:
-            self.draining = True  # checked again as acknowledgements come
+        elif not self.draining:  # checked again as acknowledgements come, for a while
+            self.draining = True
+            self.state.loop.call_later(SHUTDOWN_GRACE, self._drained)
+
+    def _drained(self) -> None:
+        """A client that acknowledges nothing more (it is gone) does not hold the shutdown."""
+        if not self.streams:
+            self.close(ErrorCode.NO_ERROR, "shutdown")
 
     # Errors, timeouts, shutdown
 
