@@ -18,7 +18,12 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    QuicEvent,
+    StopSendingReceived,
+    StreamReset,
+)
 
 from tests.conftest import TIMEOUT, Certs
 
@@ -53,6 +58,8 @@ class H3Client(QuicConnectionProtocol):
         self.responses: dict[int, Response] = {}
         self.terminated: ConnectionTerminated | None = None
         self.closed = asyncio.Event()
+        self.stops: dict[int, int] = {}  # STOP_SENDING from the server: stream id -> code
+        self.stopped = asyncio.Event()  # set on each STOP_SENDING
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset):
@@ -65,6 +72,9 @@ class H3Client(QuicConnectionProtocol):
             self.closed.set()
             for response in self.responses.values():
                 response.done.set()
+        elif isinstance(event, StopSendingReceived):
+            self.stops[event.stream_id] = event.error_code
+            self.stopped.set()
         for h3_event in self.h3.handle_event(event):
             response = self.responses.get(getattr(h3_event, "stream_id", -1))
             if response is None:
@@ -115,6 +125,31 @@ class H3Client(QuicConnectionProtocol):
     def raw(self, stream_id: int, data: bytes, end: bool = False) -> None:
         """Bytes on a stream as they are, past aioquic's HTTP/3 layer."""
         self._quic.send_stream_data(stream_id, data, end)
+        self.transmit()
+
+    def raw_request(self, data: bytes, end: bool = True) -> int:
+        """Bytes as they are (frames made by hand) on a new request stream, whose response is
+        read like any other's; its id."""
+        stream_id = self._quic.get_next_available_stream_id()
+        self.responses[stream_id] = Response()
+        self.raw(stream_id, data, end)
+        return stream_id
+
+    def raw_unidirectional(self, data: bytes, end: bool = False) -> int:
+        """Bytes as they are on a new unidirectional stream (its type first); its id."""
+        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        self.raw(stream_id, data, end)
+        return stream_id
+
+    async def closed_with(self) -> int:
+        """The error code of CONNECTION_CLOSE, once the connection is over (bounded)."""
+        await asyncio.wait_for(self.closed.wait(), TIMEOUT)
+        assert self.terminated is not None
+        return self.terminated.error_code
+
+    def stop(self, stream_id: int, code: int = 0x10C) -> None:
+        """STOP_SENDING: the response is not wanted (the server resets the stream)."""
+        self._quic.stop_stream(stream_id, code)
         self.transmit()
 
     def reset(self, stream_id: int, code: int = 0x10C) -> None:

@@ -8,7 +8,7 @@ both ways:
   this stream, `write_paused` is set and the cycle's next `send` waits in `drain()` until the
   client's acknowledgements bring it under `LOW_WATER` (the connection checks as they come).
 - Receiving: body bytes the app has not taken yet are counted; past `READ_BUFFER` of them the
-  stream's receive window is held where it is (`Quic.held`), so the client stops, and it grows
+  stream's receive window is held where it is (`Quic.hold`), so the client stops, and it grows
   again once the app has taken half. A WebSocket's reader pauses the same way.
 
 A failure resets this stream alone (RESET_STREAM and STOP_SENDING); the connection goes on.
@@ -30,7 +30,10 @@ from fulmen.state import ServerState
 
 HIGH_WATER = 256 * 1024  # response bytes QUIC holds for a stream before `send` waits
 LOW_WATER = HIGH_WATER // 4
-READ_BUFFER = 1024 * 1024  # request body bytes not taken by the app before the window holds
+# Request body bytes not taken by the app before the window holds: half of QUIC's initial
+# stream window (1 MiB), so that the window has doubled once at most (aioquic doubles it as
+# the data passes half of it) and a body the app does not read holds 2 MiB at most.
+READ_BUFFER = 512 * 1024
 
 
 class Connection(Protocol):
@@ -156,9 +159,9 @@ class H3Stream:
             self._release()
 
     def _release(self) -> None:
-        held = self.conn.quic.held
-        if self.stream_id in held:
-            held.discard(self.stream_id)
+        quic = self.conn.quic
+        if self.stream_id in quic.held:
+            quic.release(self.stream_id)
             if not self.reset:
                 self.conn.transmit_soon()  # the MAX_STREAM_DATA that lets the client go on
 
@@ -183,7 +186,7 @@ class H3Stream:
     def pause_reading(self) -> None:
         """A WebSocket's reader is full: the stream's window stops growing."""
         self.read_paused = True
-        self.conn.quic.held.add(self.stream_id)
+        self.conn.quic.hold(self.stream_id)
 
     def resume_reading(self) -> None:
         self.read_paused = False
@@ -220,7 +223,7 @@ class H3Stream:
             return
         self.unread += len(data)
         if self.unread > READ_BUFFER:
-            self.conn.quic.held.add(self.stream_id)
+            self.conn.quic.hold(self.stream_id)
         cycle.on_body(data)
 
     def on_end(self) -> None:
@@ -234,7 +237,7 @@ class H3Stream:
     def on_reset(self) -> None:
         """The stream is gone: the app sees `http.disconnect`, waiting sends go on."""
         self.reset = True
-        self.conn.quic.held.discard(self.stream_id)
+        self.conn.quic.release(self.stream_id)
         self.wake()
         if self.cycle is not None:
             self.cycle.on_disconnect()

@@ -74,9 +74,10 @@ class Listener(Protocol):
 class Incoming:
     """A request stream as its bytes arrive: the frames, and the request once decoded."""
 
-    __slots__ = ("blocked", "discard", "ended", "reader", "stream", "trailers")
+    __slots__ = ("blocked", "discard", "ended", "opened", "reader", "stream", "trailers")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, opened: float) -> None:
+        self.opened = opened  # (the coarse clock) its HEADERS must be whole in time
         self.reader = FrameReader(limit)
         self.stream: H3Stream | None = None
         # Frames waiting behind a header block QPACK cannot decode yet (RFC 9204 §2.1.2),
@@ -255,8 +256,10 @@ class H3Connection:
         A refused stream is remembered until its FIN or reset, its late data discarded."""
         if stream_id > self.highest:
             self.highest = stream_id
-        incoming = self.incoming[stream_id] = Incoming(self.state.limits.head)
-        busy = len(self.streams) + self.orphans >= self.listener.max_streams
+        state = self.state
+        incoming = self.incoming[stream_id] = Incoming(state.limits.head, state.clock)
+        limit = self.listener.max_streams
+        busy = len(self.streams) + self.orphans >= limit or len(self.incoming) > 2 * limit
         if busy or (self.goaway is not None and stream_id >= self.goaway):
             self._refuse(stream_id, ErrorCode.REQUEST_REJECTED)
             self.count_reset()
@@ -526,10 +529,25 @@ class H3Connection:
         if self.closed:
             return
         tick(self.streams.values(), now)
+        self._slow_heads(now)
         if self.deadline and now >= self.deadline and not self.streams and not self.incoming:
             self.close(ErrorCode.NO_ERROR, "idle")
         elif self.streams and self.state.clock - self.seen >= self.listener.idle_timeout / 2:
             self.quic.send_ping(0)
+            self.transmit_soon()
+
+    def _slow_heads(self, now: float) -> None:
+        """Request streams whose HEADERS are not whole after --timeout-request-header are
+        reset (H3_REQUEST_INCOMPLETE): a slow head holds no stream for long (slowloris)."""
+        limit = now - self.state.timeout_request_header
+        slow = [
+            stream_id
+            for stream_id, incoming in self.incoming.items()
+            if incoming.stream is None and not incoming.discard and incoming.opened < limit
+        ]
+        for stream_id in slow:
+            self._refuse(stream_id, ErrorCode.REQUEST_INCOMPLETE)
+        if slow:
             self.transmit_soon()
 
     def shutdown(self) -> None:
