@@ -123,3 +123,17 @@ def __getattr__(name: str) -> Any:
     if name == "fastapi_app":  # built when asked for: the other apps need no FastAPI
         return _fastapi_app()
     raise AttributeError(name)
+
+
+def _h3_worker() -> type:
+    from fulmen.workers import FulmenWorker
+
+    class H3Worker(FulmenWorker):
+        """Fulmen's worker with HTTP/3 on (gunicorn has no setting for it)."""
+
+        CONFIG_KWARGS = {**FulmenWorker.CONFIG_KWARGS, "http3": True}
+
+    return H3Worker
+
+
+H3Worker = _h3_worker()

@@ -1,13 +1,15 @@
-"""`--http3` with `--workers N`: each worker process binds its own UDP socket on the port
-(SO_REUSEPORT), and every HTTP/3 connection is served whole by one of them."""
+"""`--http3` with `--workers N` and under gunicorn: each worker process binds its own UDP socket
+on the port (SO_REUSEPORT), and every HTTP/3 connection is served whole by one of them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from typing import Any
 
 from tests.conftest import Certs
-from tests.helpers import Fulmen
+from tests.helpers import Fulmen, Gunicorn
 from tests.protocols.h3client import connect, run
 from tests.test_workers import APP, ready_pids
 
@@ -32,3 +34,21 @@ def test_workers_serve_http3(certs: Certs) -> None:
     assert {status for status, _ in answers} == {200}
     assert {pid for _, pid in answers} <= pids
     assert "HTTP/3 on https://127.0.0.1:" in server.stderr.text
+
+
+def test_gunicorn_worker_serves_http3(certs: Certs) -> None:
+    """A FulmenWorker subclass with `http3` in its CONFIG_KWARGS, under gunicorn's TLS
+    settings: each worker binds its UDP socket beside the arbiter's TCP one."""
+    tls = ("--certfile", certs.cert, "--keyfile", certs.key)
+    with Gunicorn(*tls, worker="tests.apps_gunicorn.H3Worker", workers=2) as server:
+
+        async def main() -> list[Any]:
+            async with connect(server.port, certs) as client:
+                return [await client.get(b"/path") for _ in range(3)]
+
+        responses = run(main())
+        pids = server.worker_pids()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    assert [r.status for r in responses] == [200, 200, 200]
+    assert {json.loads(bytes(r.body))["pid"] for r in responses} <= set(pids)

@@ -117,6 +117,8 @@ class ServerState:
         """`Alt-Svc: h3=":PORT"` on every response (RFC 9114 §3.1.1, RFC 7838): clients that
         speak HTTP/3 move to it. HTTP/3 needs TLS, so every listener serves TLS."""
         server, date, pairs = self._header_options
+        if any(name.lower() == "alt-svc" for name, _ in pairs):
+            return  # --header 'Alt-Svc: ...' (behind a port mapping): the operator's, alone
         alt_svc = ("alt-svc", f'h3=":{port}"; ma=86400')
         self._header_options = (server, date, [*pairs, alt_svc])
         self.tick()

@@ -283,3 +283,16 @@ def test_shutdown_with_a_silent_client(serve_h3: ServeH3, certs: Certs) -> None:
         elapsed = time.monotonic() - started
     assert response.status == 200
     assert elapsed < 5
+
+
+def test_alt_svc_given_by_the_operator(serve_h3: ServeH3, certs: Certs) -> None:
+    """`--header 'Alt-Svc: ...'` (a port mapping in front): sent instead of fulmen's own."""
+
+    async def main(port: int) -> Any:
+        async with connect(port, certs) as client:
+            return await client.get()
+
+    with serve_h3(hello, headers=['Alt-Svc: h3=":443"']) as srv:
+        response = run(main(srv.port))
+    assert response.headers is not None
+    assert [value for name, value in response.headers if name == b"alt-svc"] == [b'h3=":443"']
