@@ -224,7 +224,8 @@ def test_app_error_before_head_is_500_and_after_is_a_reset(serve_one) -> None:
 @pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
 def test_no_data_frames_for_head_204_304(serve_one, method, status) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": status})
+        headers = [(b"content-length", b"10")]  # dropped on a 204 (RFC 9110 §8.6)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"ignored", "more_body": True})
         await send({"type": "http.response.body", "body": b"too"})
 
@@ -233,6 +234,7 @@ def test_no_data_frames_for_head_204_304(serve_one, method, status) -> None:
         response = client.get(method=method)
     assert response.status == status
     assert response.body == b""
+    assert response.fields.get(b"content-length") == (None if status == 204 else b"10")
     assert not any(isinstance(e, h2.events.DataReceived) for e in client.events)
 
 

@@ -84,6 +84,9 @@ class H1Response:
             append(line)
             if kind is not ORDINARY:
                 if kind is CONTENT_LENGTH:
+                    if status == 204:  # RFC 9110 §8.6: never on a 204
+                        parts.pop()
+                        continue
                     length = app_content_length(header[1])
                 elif kind is TRANSFER_ENCODING:
                     app_coding = True

@@ -256,8 +256,9 @@ def response_fields(
 ) -> tuple[list[bytes], int | None]:
     """The encoded fields of a response's header block, and the application's Content-Length
     (None if it sent none). Names are checked and lower-cased as for HTTP/1.1; connection-
-    specific fields, which HTTP/2 forbids (§8.2.2), are dropped; `defaults` (server, date,
-    --header) are added unless the application sent the same names."""
+    specific fields, which HTTP/2 forbids (§8.2.2), are dropped, and so is a Content-Length on a
+    204 (RFC 9110 §8.6); `defaults` (server, date, --header) are added unless the application
+    sent the same names."""
     global _DEFAULTS
     block = [_STATUS_FIELDS.get(status) or encode_field(b":status", b"%d" % status)]
     append = block.append
@@ -269,12 +270,14 @@ def response_fields(
             entry = get(header) or _entry(header)
         except TypeError:  # a list: unhashable
             entry = _entry(header)
-        append(entry[0])
         kind = entry[1]
         if kind is CONTENT_LENGTH:
+            if status == 204:  # RFC 9110 §8.6: never on a 204
+                continue
             length = entry[3]
         elif kind is SERVER_OR_DATE:
             own = {entry[2]} if own is None else own | {entry[2]}
+        append(entry[0])
     if own is not None:
         block.extend(encode_field(*pair) for pair in defaults if pair[0] not in own)
     elif _DEFAULTS[0] is defaults:

@@ -23,14 +23,17 @@ def response_pairs(
     status: int, headers: Iterable[tuple[bytes, bytes]], defaults: Pairs
 ) -> tuple[Pairs, int | None]:
     """A response's fields and the application's Content-Length (None if it sent none): names
-    checked and lower-cased, connection-specific fields dropped, and `defaults` (server, date,
-    --header) added unless the application sent the same names."""
+    checked and lower-cased, connection-specific fields dropped (and a Content-Length on a 204,
+    RFC 9110 §8.6), and `defaults` (server, date, --header) added unless the application sent
+    the same names."""
     pairs = [(b":status", STATUS_BYTES.get(status) or b"%d" % status)]
     length: int | None = None
     own: set[bytes] = set()
     for header in headers:
         lname, kind = check(header)
         if kind is CONTENT_LENGTH:
+            if status == 204:  # RFC 9110 §8.6: never on a 204
+                continue
             length = app_content_length(header[1])
         elif kind is SERVER_OR_DATE:
             own.add(lname)

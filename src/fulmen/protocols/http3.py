@@ -36,7 +36,7 @@ from fulmen.protocols.h3peer import PeerStreams, Qpack
 from fulmen.protocols.h3stream import LOW_WATER, H3Stream
 from fulmen.protocols.linger import SHUTDOWN_GRACE
 from fulmen.protocols.quicconn import Quic
-from fulmen.protocols.scope import EXTENSIONS, http_scope
+from fulmen.protocols.scope import EXTENSIONS, http_scope, socket_address
 from fulmen.protocols.streams import sessions, start, tick
 from fulmen.state import ServerState
 
@@ -126,9 +126,7 @@ class H3Connection:
         self.resets = 0  # streams reset by the client this tick
         self.kept: dict[bytes, Request] = {}
         self.orphans = 0  # apps still running for streams the client reset
-        client = addr[0], addr[1]
-        server = listener.address
-        self.endpoints = (client, server, "https")
+        self.endpoints = (socket_address(addr), listener.address, "https")
         tls = listener.tls_extension()
         self.extensions = {**EXTENSIONS, "tls": tls}
         self.qpack = Qpack(self)
