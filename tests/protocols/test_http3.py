@@ -227,8 +227,7 @@ class _ThreadEvent:
 
 
 def _wait_for(condition: Callable[[], bool]) -> bool:
-    import time
-
+    """`condition()` within TIMEOUT, polled."""
     deadline = time.monotonic() + TIMEOUT
     while not condition():
         if time.monotonic() > deadline:

@@ -25,10 +25,9 @@ from aioquic.quic.packet import QuicHeader, QuicPacketType, pull_quic_header
 import fulmen.protocols.quic as quic_module
 from fulmen.protocols.http3 import RESETS_PER_TICK, H3Connection
 from fulmen.protocols.quic import TOKEN_LIFETIME, QuicListener, RetryTokens
-from tests.conftest import TIMEOUT, Certs, RunningServer, start_server
+from tests.conftest import TIMEOUT, Certs, RunningServer
+from tests.protocols.conftest import ServeH3
 from tests.protocols.h3client import H3Client, connect, run
-
-ServeH3 = Callable[..., contextlib.AbstractContextManager[RunningServer]]
 
 # Error codes (RFC 9114 §8.1, RFC 9204 §6)
 H3_NO_ERROR = 0x100
@@ -48,19 +47,6 @@ QUIC_V1 = 0x00000001
 QUIC_V2 = 0x6B3343CF
 UNKNOWN_VERSION = 0x1A2A3A4A  # of the form RFC 9000 §15 reserves for forcing negotiation
 LOCALHOST = "127.0.0.1"
-
-
-@pytest.fixture
-def serve_h3(loop: str, certs: Certs) -> ServeH3:
-    """`with serve_h3(app, **options) as srv:` HTTP/3 on srv.port (UDP), TLS on TCP."""
-
-    @contextlib.contextmanager
-    def start(app: Any, **options: Any) -> Iterator[RunningServer]:
-        options.setdefault("http", "httptools")
-        options.update(ssl_certfile=certs.cert, ssl_keyfile=certs.key, http3=True)
-        yield from start_server(app, loop, options)
-
-    return start
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:

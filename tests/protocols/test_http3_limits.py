@@ -20,18 +20,9 @@ from fulmen.tls import TLSError, check_tls_options
 from tests.conftest import TIMEOUT, Certs
 from tests.protocols.conftest import ServeH3
 from tests.protocols.h3client import connect, run
-from tests.protocols.test_http3 import hello, read_body
+from tests.protocols.test_http3 import _wait_for, hello, read_body
 
 H3_REQUEST_CANCELLED = 0x10C
-
-
-def wait_for(condition: Any, timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_keep_alive_closes_idle_connection(serve_h3: ServeH3, certs: Certs) -> None:
@@ -179,7 +170,7 @@ def test_client_that_stops_acknowledging(serve_h3: ServeH3, certs: Certs) -> Non
 
     with serve_h3(app, timeout_send=1) as srv:
         run(main(srv.port))
-        assert wait_for(lambda: bool(ended))
+        assert _wait_for(lambda: bool(ended))
     assert ended == [{"type": "http.disconnect"}]
 
 
