@@ -59,6 +59,7 @@ class Listener(Protocol):
     proxy: ProxyHeaders | None
     max_streams: int
     idle_timeout: float
+    tls: dict[str, Any]  # the ASGI `tls` extension of its requests
 
     def sendto(self, data: bytes, addr: Any) -> None: ...
 
@@ -67,8 +68,6 @@ class Listener(Protocol):
     def unroute(self, cid: bytes, conn: H3Connection) -> None: ...
 
     def forget(self, conn: H3Connection) -> None: ...
-
-    def tls_extension(self) -> dict[str, Any]: ...
 
 
 class Incoming:
@@ -88,18 +87,6 @@ class Incoming:
         self.discard = False  # read no further: the stream was answered, reset or refused
 
 
-class Closer:
-    """What the server calls `transport` of a connection: `abort()` ends it at once."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: H3Connection) -> None:
-        self.conn = conn
-
-    def abort(self) -> None:
-        self.conn.close(ErrorCode.NO_ERROR, "server stopped")
-
-
 class H3Connection:
     """One QUIC connection carrying HTTP/3."""
 
@@ -108,7 +95,7 @@ class H3Connection:
         self.state = state = listener.state
         self.quic = quic
         self.addr = addr
-        self.transport = Closer(self)
+        self.transport = self  # what the server aborts at the end of a shutdown
         self.cids: set[bytes] = set()  # the connection IDs the listener routes here
         self.streams: dict[int, H3Stream] = {}  # the requests being served
         self.incoming: dict[int, Incoming] = {}  # every open request stream
@@ -127,8 +114,7 @@ class H3Connection:
         self.kept: dict[bytes, Request] = {}
         self.orphans = 0  # apps still running for streams the client reset
         self.endpoints = (socket_address(addr), listener.address, "https")
-        tls = listener.tls_extension()
-        self.extensions = {**EXTENSIONS, "tls": tls}
+        self.extensions = {**EXTENSIONS, "tls": listener.tls}
         self.qpack = Qpack(self)
         self.peers = PeerStreams(self)
         self.control = self.qpack.open_streams(state)
@@ -165,23 +151,17 @@ class H3Connection:
         quic = self.quic
         event = quic.next_event()
         while event is not None:
-            kind = type(event)
-            if kind is events.StreamDataReceived:
-                assert isinstance(event, events.StreamDataReceived)
+            if isinstance(event, events.StreamDataReceived):
                 self._stream_data(event.stream_id, event.data, event.end_stream)
-            elif kind is events.StreamReset:
-                assert isinstance(event, events.StreamReset)
+            elif isinstance(event, events.StreamReset):
                 self._stream_reset(event.stream_id, True)
-            elif kind is events.StopSendingReceived:
-                assert isinstance(event, events.StopSendingReceived)
+            elif isinstance(event, events.StopSendingReceived):
                 self._stream_reset(event.stream_id, False)
-            elif kind is events.ConnectionIdIssued:
-                assert isinstance(event, events.ConnectionIdIssued)
+            elif isinstance(event, events.ConnectionIdIssued):
                 self.listener.route(event.connection_id, self)
-            elif kind is events.ConnectionIdRetired:
-                assert isinstance(event, events.ConnectionIdRetired)
+            elif isinstance(event, events.ConnectionIdRetired):
                 self.listener.unroute(event.connection_id, self)
-            elif kind is events.ConnectionTerminated:
+            elif isinstance(event, events.ConnectionTerminated):
                 self.terminate()
             event = quic.next_event()
 
@@ -492,6 +472,10 @@ class H3Connection:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("HTTP/3 connection error: %s", exc)
         self.close(exc.code, str(exc))
+
+    def abort(self) -> None:
+        """The end of a shutdown: the connection closes at once."""
+        self.close(ErrorCode.NO_ERROR, "server stopped")
 
     def close(self, code: ErrorCode, reason: str) -> None:
         """Close the QUIC connection (CONNECTION_CLOSE); its streams are gone."""

@@ -86,7 +86,6 @@ def quic_configuration(
         alpn_protocols=["h3"],
         idle_timeout=idle_timeout,
         connection_id_length=CID_LENGTH,
-        max_datagram_frame_size=None,
     )
     # The key may sit in the certificate file, as Python's ssl module allows.
     configuration.load_cert_chain(certfile, keyfile or certfile, password)
@@ -121,26 +120,21 @@ class QuicListener(asyncio.DatagramProtocol):
         self.accepting = True
         self.address: tuple[str, int] | None = None
         self.transport: asyncio.DatagramTransport | None = None
-        self._tls: dict[str, Any] | None = None
+        # The ASGI `tls` extension of HTTP/3 requests: TLS 1.3 (QUIC has no other), no client
+        # certificate (--http3 refuses --ssl-cert-reqs 2).
+        self.tls: dict[str, Any] = {
+            "server_cert": state.server_cert,
+            "client_cert_chain": [],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": 0x0304,
+            "cipher_suite": None,
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.address = socket_address(transport.get_extra_info("sockname"))
         self.sendto = transport.sendto  # type: ignore[attr-defined]
-
-    def tls_extension(self) -> dict[str, Any]:
-        """The ASGI `tls` extension of HTTP/3 requests: TLS 1.3 (QUIC has no other), no client
-        certificate (--http3 refuses --ssl-cert-reqs 2)."""
-        if self._tls is None:
-            self._tls = {
-                "server_cert": self.state.server_cert,
-                "client_cert_chain": [],
-                "client_cert_name": None,
-                "client_cert_error": None,
-                "tls_version": 0x0304,
-                "cipher_suite": None,
-            }
-        return self._tls
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if not data:
