@@ -386,10 +386,14 @@ class H3Connection:
             incoming.ended = True
         stream = self.streams.get(stream_id)
         if stream is None:
-            if incoming is not None:
-                if not incoming.discard:
-                    self.count_reset()
-                self._refuse(stream_id, ErrorCode.REQUEST_CANCELLED)
+            if incoming is None:
+                return
+            if incoming.discard:  # answered or refused already: its end, nothing to send
+                if incoming.ended:
+                    del self.incoming[stream_id]
+                return
+            self.count_reset()
+            self._refuse(stream_id, ErrorCode.REQUEST_CANCELLED)
             return
         if not stream.done:
             self.count_reset()
